@@ -61,7 +61,7 @@ def welch_test(control: Moments, treatment: Moments, *, relative: bool = False,
     df = welch_df(control, treatment)
     se = math.sqrt(variance)
     statistic = estimate / se
-    half_width = stats.t.ppf(1.0 - alpha / 2.0, df) * se
+    half_width = float(stats.t.ppf(1.0 - alpha / 2.0, df)) * se
     return ComparisonResult("welch", estimate, estimate - half_width, estimate + half_width,
                             float(2.0 * stats.t.sf(abs(statistic), df)), relative, alpha,
                             statistic=statistic)
@@ -84,7 +84,7 @@ def z_test(control: ProportionStats, treatment: ProportionStats, *, relative: bo
     p_value = float(2.0 * stats.norm.sf(abs(statistic)))
     estimate, variance = lift(control, treatment, relative)
     if relative:
-        half_width = stats.norm.ppf(1.0 - alpha / 2.0) * math.sqrt(variance)
+        half_width = float(stats.norm.ppf(1.0 - alpha / 2.0)) * math.sqrt(variance)
         low, high = estimate - half_width, estimate + half_width
     else:
         low, high = newcombe_interval(control, treatment, alpha)
@@ -97,7 +97,7 @@ def wilson_interval(arm: ProportionStats, alpha: float = 0.05) -> tuple[float, f
 
     Equals ``statsmodels.stats.proportion.proportion_confint(method="wilson")``.
     """
-    z = stats.norm.ppf(1.0 - alpha / 2.0)
+    z = float(stats.norm.ppf(1.0 - alpha / 2.0))
     p, n = arm.mean, arm.n
     centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
     half_width = z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
