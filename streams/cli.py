@@ -1,0 +1,215 @@
+"""The ``abstream`` command line. Errors a user can cause end in one line and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+from streams.settings import Settings, SettingsError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A command could not do what was asked; the message is the one line the user sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(kafka_bootstrap=getattr(args, "bootstrap", None))
+
+
+def _kafka_data_dir(args: argparse.Namespace, settings: Settings) -> Path:
+    return Path(args.data_dir) if args.data_dir else settings.home / "kafka"
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from streams import local_kafka
+
+    settings = Settings.from_env()
+    data_dir = _kafka_data_dir(args, settings)
+    if args.action == "start":
+        status = local_kafka.start(data_dir=data_dir, port=args.port)
+    elif args.action == "stop":
+        stopped = local_kafka.stop(data_dir=data_dir)
+        status = local_kafka.status(data_dir=data_dir, port=args.port)
+        if not args.json:
+            print("stopped" if stopped else "not running")
+            return EXIT_OK
+    else:
+        status = local_kafka.status(data_dir=data_dir, port=args.port)
+    if args.json:
+        print(json.dumps({"running": status.running, "pid": status.pid, "bootstrap": status.bootstrap,
+                          "data_dir": str(status.data_dir), "log_file": str(status.log_file)}))
+    elif status.running:
+        print(f"kafka running at {status.bootstrap} (pid {status.pid}, data {status.data_dir})")
+    else:
+        print("kafka not running")
+    return EXIT_OK if status.running or args.action == "stop" else EXIT_FAILURE
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.worker import run_worker
+
+    overrides = {"web_port": args.web_port}
+    settings = Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+    run_worker(settings, sink=args.sink, loglevel=args.loglevel)
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from streams.simulate import simulated_messages
+    from streams.topics import ensure_topics
+
+    settings = _settings(args)
+    ensure_topics(settings)
+    messages = simulated_messages(args.events, duplicates=args.duplicates, malformed=args.malformed,
+                                  n_units=args.units, seed=args.seed, run_id=args.run_id)
+    delivered = _publish_with_progress(settings, messages, quiet=args.json)
+    counts: dict[str, int] = {}
+    for m in messages:
+        key = "malformed" if m.record is None else ("duplicate" if m.duplicate else m.kind.value)
+        counts[key] = counts.get(key, 0) + 1
+    if args.json:
+        print(json.dumps({"delivered": delivered, **counts}))
+    else:
+        print(f"published {delivered} messages: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return EXIT_OK
+
+
+def _publish_with_progress(settings: Settings, messages, *, quiet: bool) -> int:
+    from rich.progress import Progress
+
+    from streams.simulate import publish
+
+    if quiet:
+        return publish(settings, messages)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("publishing", total=len(messages))
+        delivered = publish(settings, messages, on_progress=lambda n: progress.update(task, completed=n))
+    return delivered
+
+
+def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
+    """Columns and rows of a read-only query: through the sink-holding worker's loopback
+    endpoint while it owns the embedded ClickHouse, else directly."""
+    from streams.warehouse import Warehouse
+    from streams.worker import sink_endpoint_file
+
+    endpoint = sink_endpoint_file(settings)
+    if settings.embedded_clickhouse and endpoint.exists():
+        owner = json.loads(endpoint.read_text())
+        if _alive(owner["pid"]):
+            url = owner["url"] + "/sql?" + urllib.parse.urlencode({"query": sql})
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    body = json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                raise CommandError(json.loads(exc.read()).get("error", str(exc))) from None
+            except urllib.error.URLError as exc:
+                raise CommandError(f"the worker that owns ClickHouse does not answer at {owner['url']}: {exc.reason}") from None
+            return body["columns"], body["rows"]
+    result = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database).query(sql)
+    return list(result.column_names), [list(r) for r in result.rows]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    columns, rows = run_query(Settings.from_env(), args.sql)
+    if args.json:
+        print(json.dumps({"columns": columns, "rows": rows}, default=str))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(Settings.from_env(), events=args.events)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="abstream", description="Kafka-native experiment processor for A/B tests of ML models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("demo", help="run the demo on the embedded defaults (local broker, worker, ClickHouse)")
+    p.add_argument("--events", type=int, default=5000, help="simulated events to publish (default 5000)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("kafka", help="start, stop or inspect the local single-node Kafka broker")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("--port", type=int, default=9092, help="broker port on 127.0.0.1 (default 9092)")
+    p.add_argument("--data-dir", help="broker data folder (default $ABSTREAM_HOME/kafka)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=cmd_kafka)
+
+    p = sub.add_parser("worker", help="run a stream worker until interrupted")
+    p.add_argument("--sink", action="store_true", help="also hold the ClickHouse sink role (one process per chdb:// DSN)")
+    p.add_argument("--web-port", type=int, help="HTTP port for /metrics, /health and /sql (default $ABSTREAM_WEB_PORT or 6066)")
+    p.add_argument("--loglevel", default="warning", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("simulate", help="publish simulated events of all four kinds")
+    p.add_argument("--events", type=int, default=5000, help="messages to publish in all (default 5000)")
+    p.add_argument("--duplicates", type=int, default=0, help="of which exact duplicates (default 0)")
+    p.add_argument("--malformed", type=int, default=0, help="of which malformed messages (default 0)")
+    p.add_argument("--units", type=int, default=500, help="unit population (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-id", default="", help="prefix of event ids, so that runs do not share event identities")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $ABSTREAM_KAFKA_BOOTSTRAP)")
+    p.add_argument("--json", action="store_true", help="print counts as JSON")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("query", help="run read-only SQL against abstream's ClickHouse")
+    p.add_argument("sql", help="the query; {db} names the abstream database")
+    p.add_argument("--json", action="store_true", help="print columns and rows as JSON")
+    p.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from streams.local_kafka import LocalKafkaError
+    from streams.topics import TopicError
+    from streams.warehouse import WarehouseError
+
+    try:
+        if args.command == "simulate" and args.duplicates + args.malformed > args.events:
+            raise CommandError("--duplicates plus --malformed cannot exceed --events")
+        return args.func(args)
+    except (CommandError, SettingsError, LocalKafkaError, TopicError, WarehouseError) as exc:
+        print(f"abstream: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The ClickHouse sink role: every raw event exactly once, every dead letter with its bytes.
+
+The sink consumes the input topics in its own consumer group (``<prefix>sink``), so it
+neither slows nor depends on the stream agents. With a ``chdb://`` DSN exactly one process
+takes this role (chDB locks its directory).
+
+Exactly once, how: consumption is at least once (offsets are committed only after a batch
+is in ClickHouse), and every write is idempotent. Before writing a batch the sink asks the
+table which of the batch's events it already holds — by (unit_id, event_id) for events, by
+(topic, partition, offset) for dead letters — and writes only the rest. A crash between the
+write and the commit replays the batch, and the check drops what already landed; an
+ambiguous failure (the write landed but the answer was lost) is retried the same way.
+This was chosen over ClickHouse's insert deduplication token because a replay after a
+crash need not cut the same batches, and over a ReplacingMergeTree because analysts would
+see duplicates until a merge and have to remember FINAL.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Sequence
+
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from streams import metrics
+from streams.codec import Codec, DeadLetter, EventKind
+from streams.settings import Settings
+from streams.topics import input_topic_names
+from streams.warehouse import DEADLETTER_COLUMNS, DEADLETTER_TABLE, RAW_TABLES, Warehouse, WarehouseError, event_columns
+
+log = logging.getLogger("abstream.sink")
+
+
+class Sink:
+    """Consumes the raw topics and writes columnar batches to the warehouse until stopped."""
+
+    def __init__(self, settings: Settings, warehouse: Warehouse, codec: Codec, *, batch_max: int = 5000,
+                 retry_max_s: float = 5.0):
+        self.settings = settings
+        self.warehouse = warehouse
+        self.codec = codec
+        self.batch_max = batch_max
+        self.retry_max_s = retry_max_s
+        self._kinds = input_topic_names(settings)
+        self._columns = {kind: event_columns(kind) for kind in EventKind}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.warehouse.apply_schema()
+        self._thread = threading.Thread(target=self.run, name="abstream-sink", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def run(self) -> None:
+        consumer = Consumer(self.settings.kafka_config(**{
+            "group.id": f"{self.settings.topic_prefix}sink",
+            "enable.auto.commit": "false",
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+        }))
+        consumer.subscribe(sorted(self._kinds))
+        try:
+            while not self._stop.is_set():
+                messages = consumer.consume(num_messages=self.batch_max, timeout=0.5)
+                messages = [m for m in messages if self._usable(m)]
+                if not messages:
+                    continue
+                self._write_until_done(messages)
+                consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+        finally:
+            consumer.close()
+
+    def _usable(self, message: Message) -> bool:
+        if message.error() is not None:
+            log.warning("sink consumer: %s", message.error().str())
+            return False
+        return True
+
+    def _write_until_done(self, messages: Sequence[Message]) -> None:
+        # Back-pressure: while ClickHouse fails, the sink retries this batch and reads no more.
+        delay_s = 0.1
+        while True:
+            try:
+                self.write(messages)
+                return
+            except WarehouseError as exc:
+                metrics.SINK_RETRIES.inc()
+                log.warning("sink write failed, retrying in %.1f s: %s", delay_s, exc)
+                if self._stop.wait(delay_s):
+                    raise
+                delay_s = min(self.retry_max_s, delay_s * 2)
+
+    def write(self, messages: Sequence[Message]) -> None:
+        """Decode a batch and write what the warehouse does not hold yet (idempotent)."""
+        started = time.perf_counter()
+        events: dict[EventKind, dict[tuple[str, str], dict]] = defaultdict(dict)
+        dead: dict[tuple[str, int], list[tuple[Message, DeadLetter]]] = defaultdict(list)
+        for message in messages:
+            kind = self._kinds[message.topic()]
+            decoded = self.codec.decode(kind, message.value())
+            if isinstance(decoded, DeadLetter):
+                dead[(message.topic(), message.partition())].append((message, decoded))
+            else:
+                events[kind].setdefault((decoded["unit_id"], decoded["event_id"]), decoded)
+        written = 0
+        for kind, by_key in events.items():
+            written += self._write_events(kind, by_key)
+        for (topic, partition), letters in dead.items():
+            written += self._write_deadletters(topic, partition, letters)
+        metrics.SINK_BATCH_ROWS.observe(written)
+        metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started)
+
+    def _write_events(self, kind: EventKind, by_key: dict[tuple[str, str], dict]) -> int:
+        table = RAW_TABLES[kind]
+        held = self.warehouse.existing_event_ids(table, (k[0] for k in by_key), (k[1] for k in by_key))
+        fresh = [record for key, record in by_key.items() if key not in held]
+        metrics.SINK_DUPLICATES.labels(table).inc(len(by_key) - len(fresh))
+        if fresh:
+            columns = self._columns[kind]
+            self.warehouse.insert(table, columns, [[r[c] for r in fresh] for c in columns])
+            metrics.SINK_ROWS.labels(table).inc(len(fresh))
+        return len(fresh)
+
+    def _write_deadletters(self, topic: str, partition: int, letters: list[tuple[Message, DeadLetter]]) -> int:
+        held = self.warehouse.existing_deadletters(topic, partition, (m.offset() for m, _ in letters))
+        fresh = [(m, d) for m, d in letters if m.offset() not in held]
+        metrics.SINK_DUPLICATES.labels(DEADLETTER_TABLE).inc(len(letters) - len(fresh))
+        if fresh:
+            now_ms = int(time.time() * 1000)
+            rows = [
+                (topic, partition, m.offset(), d.reason.value, d.detail,
+                 None if m.key() is None else m.key().decode("utf-8", "replace"), m.value() or b"", now_ms)
+                for m, d in fresh
+            ]
+            self.warehouse.insert(DEADLETTER_TABLE, DEADLETTER_COLUMNS, list(map(list, zip(*rows))))
+            metrics.SINK_ROWS.labels(DEADLETTER_TABLE).inc(len(fresh))
+        return len(fresh)
+
+
+def _next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic(), m.partition())
+        last[key] = max(last.get(key, -1), m.offset())
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
