@@ -45,6 +45,7 @@ from numpy.typing import ArrayLike
 from scipy import optimize, special
 from scipy.stats import norm
 
+from analysis.fixed import lift
 from analysis.results import ComparisonResult
 from analysis.stats import Moments
 
@@ -129,21 +130,12 @@ def effect_moments(control: Moments, treatment: Moments, *,
                    relative: bool = False) -> tuple[float, float]:
     """Return (estimate, variance of the estimate) of treatment against control.
 
-    Absolute: t - c with variance v_t/n_t + v_c/n_c (unpooled). Relative: (t - c)/c with
-    the delta-method variance v_t/(n_t c^2) + v_c t^2/(n_c c^4), as gbstats
-    (``frequentist_variance``). Raises ValueError when the variance is not positive (for
-    example no successes in either arm yet) or, for relative, the control mean is 0.
+    The effect and its (delta-method, when ``relative``) variance are those of
+    :func:`analysis.fixed.lift`, so fixed and sequential tests agree on the estimate.
+    Raises ValueError when the variance is not positive (for example no successes in
+    either arm yet): an anytime-valid test has nothing to say then.
     """
-    mean_c, mean_t = control.mean, treatment.mean
-    var_c, var_t = control.variance, treatment.variance
-    if relative:
-        if mean_c == 0:
-            raise ValueError("relative lift needs a non-zero control mean")
-        estimate = (mean_t - mean_c) / mean_c
-        variance = var_t / (treatment.n * mean_c**2) + var_c * mean_t**2 / (control.n * mean_c**4)
-    else:
-        estimate = mean_t - mean_c
-        variance = var_t / treatment.n + var_c / control.n
+    estimate, variance = lift(control, treatment, relative)
     if not variance > 0:
         raise ValueError("the effect has zero variance (e.g. no successes yet in either arm); "
                          "collect more units before testing")
