@@ -6,57 +6,18 @@ every distinct valid event, prints what reached each table, and stops what it st
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 
 from rich.console import Console
 from rich.table import Table
 
+from streams.processes import start_worker, stop_worker, wait_healthy
 from streams.settings import Settings
 from streams.warehouse import DEADLETTER_TABLE, RAW_TABLES
 
 COUNTS_SQL = " UNION ALL ".join(
     f"SELECT '{table}' AS table, count() AS rows FROM {{db}}.{table}" for table in [*RAW_TABLES.values(), DEADLETTER_TABLE]
 )
-
-
-def start_worker(settings: Settings, *, sink: bool, web_port: int, env: dict[str, str] | None = None,
-                 log_path=None) -> subprocess.Popen:
-    """A worker in its own process (and process group), started with the current settings."""
-    args = [sys.executable, "-m", "streams.cli", "worker", "--web-port", str(web_port)] + (["--sink"] if sink else [])
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def wait_healthy(web_port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the worker exited with code {process.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health", timeout=1) as response:
-                if json.loads(response.read())["status"] == "ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the worker did not answer on port {web_port} within {timeout_s:.0f} s")
-
-
-def stop_worker(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def run_demo(settings: Settings, *, events: int) -> int:
@@ -74,10 +35,10 @@ def run_demo(settings: Settings, *, events: int) -> int:
     console.print(f"kafka: {broker.bootstrap} (pid {broker.pid})")
     ensure_topics(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
-    worker = start_worker(settings, sink=True, web_port=settings.web_port, log_path=settings.home / "worker.log")
+    worker = start_worker(settings, sink=True, log_path=settings.home / "worker.log")
     try:
         with console.status("starting a worker with the ClickHouse sink role"):
-            wait_healthy(settings.web_port, worker)
+            wait_healthy(settings, worker)
         duplicates, malformed = events // 50, events // 200
         run = int(time.time())
         messages = simulated_messages(events, duplicates=duplicates, malformed=malformed, seed=run, run_id=f"{run}-")

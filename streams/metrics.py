@@ -2,7 +2,10 @@
 dead-letter reasons and ClickHouse tables, never units or requests."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, disable_created_metrics
+
+# The *_created series double the output and no rule or dashboard reads them.
+disable_created_metrics()
 
 EVENTS_CONSUMED = Counter(
     "abstream_events_consumed_total", "Messages read from the input topics by the stream agents.", ["topic"]

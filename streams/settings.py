@@ -98,6 +98,27 @@ class Settings:
         """confluent-kafka (librdkafka) configuration with the security settings passed through."""
         return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_security, **extra}
 
+    def to_env(self) -> dict[str, str]:
+        """The ``ABSTREAM_*`` variables that reproduce these settings in a child process."""
+        env = {
+            "ABSTREAM_HOME": str(self.home),
+            "ABSTREAM_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "ABSTREAM_CLICKHOUSE_DSN": self.clickhouse_dsn,
+            "ABSTREAM_CLICKHOUSE_DATABASE": self.clickhouse_database,
+            "ABSTREAM_TOPIC_PREFIX": self.topic_prefix,
+            "ABSTREAM_PARTITIONS": str(self.partitions),
+            "ABSTREAM_SCHEMA_REGISTRY_URL": self.schema_registry_url,
+            "ABSTREAM_WEB_HOST": self.web_host,
+            "ABSTREAM_WEB_PORT": str(self.web_port),
+            "ABSTREAM_BATCH_MAX_EVENTS": str(self.batch_max_events),
+            "ABSTREAM_BATCH_WITHIN_S": str(self.batch_within_s),
+            "ABSTREAM_DEDUP_WINDOW_S": str(self.dedup_window_s),
+            "ABSTREAM_BROKER_SESSION_TIMEOUT_S": str(self.broker_session_timeout_s),
+        }
+        by_key = {key: var for var, key in _KAFKA_PASSTHROUGH.items()}
+        env.update({by_key[key]: value for key, value in self.kafka_security.items()})
+        return env
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 

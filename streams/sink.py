@@ -101,6 +101,7 @@ class Sink:
         """Decode a batch and write what the warehouse does not hold yet (idempotent)."""
         started = time.perf_counter()
         events: dict[EventKind, dict[tuple[str, str], dict]] = defaultdict(dict)
+        valid: dict[EventKind, int] = defaultdict(int)
         dead: dict[tuple[str, int], list[tuple[Message, DeadLetter]]] = defaultdict(list)
         for message in messages:
             kind = self._kinds[message.topic()]
@@ -109,9 +110,12 @@ class Sink:
                 dead[(message.topic(), message.partition())].append((message, decoded))
             else:
                 events[kind].setdefault((decoded["unit_id"], decoded["event_id"]), decoded)
+                valid[kind] += 1
         written = 0
         for kind, by_key in events.items():
-            written += self._write_events(kind, by_key)
+            fresh = self._write_events(kind, by_key)
+            metrics.SINK_DUPLICATES.labels(RAW_TABLES[kind]).inc(valid[kind] - fresh)
+            written += fresh
         for (topic, partition), letters in dead.items():
             written += self._write_deadletters(topic, partition, letters)
         metrics.SINK_BATCH_ROWS.observe(written)
@@ -121,7 +125,6 @@ class Sink:
         table = RAW_TABLES[kind]
         held = self.warehouse.existing_event_ids(table, (k[0] for k in by_key), (k[1] for k in by_key))
         fresh = [record for key, record in by_key.items() if key not in held]
-        metrics.SINK_DUPLICATES.labels(table).inc(len(by_key) - len(fresh))
         if fresh:
             columns = self._columns[kind]
             self.warehouse.insert(table, columns, [[r[c] for r in fresh] for c in columns])

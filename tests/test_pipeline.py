@@ -1,0 +1,129 @@
+"""End to end through the real broker, a worker process and its embedded ClickHouse."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from streams.codec import EventKind
+from streams.processes import start_worker, stop_worker, wait_healthy
+from streams.simulate import publish, simulated_messages
+from streams.topics import DEADLETTER, ensure_topics
+from streams.warehouse import RAW_TABLES, event_columns
+
+pytestmark = pytest.mark.kafka
+
+
+def sql(settings, query: str) -> list[list]:
+    url = f"http://127.0.0.1:{settings.web_port}/sql?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())["rows"]
+
+
+def scrape(settings) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def read_topic(settings, topic: str, expected: int, timeout_s: float = 60) -> list:
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"{settings.topic_prefix}reader", "auto.offset.reset": "earliest"}))
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(settings.partitions)])
+    messages = []
+    deadline = time.monotonic() + timeout_s
+    while len(messages) < expected and time.monotonic() < deadline:
+        messages += [m for m in consumer.consume(500, timeout=0.5) if m.error() is None]
+    # Read on briefly: more than expected must fail the test, not go unseen.
+    messages += [m for m in consumer.consume(500, timeout=1.0) if m.error() is None]
+    consumer.close()
+    return messages
+
+
+SELECT_AS_AVRO = {
+    kind: ", ".join("toUnixTimestamp64Milli(event_time)" if c == "event_time" else c for c in event_columns(kind))
+    for kind in EventKind
+}
+
+
+def test_ten_thousand_events_reach_clickhouse_exactly_once(worker_settings, tmp_path):
+    settings = worker_settings
+    ensure_topics(settings)
+    messages = simulated_messages(10_000, duplicates=200, malformed=50, n_units=800, seed=7)
+    distinct = {(m.kind, m.record["unit_id"], m.record["event_id"]): m.record for m in messages if m.record is not None}
+    malformed = [m for m in messages if m.record is None]
+    assert len(distinct) == 9_750 and len(malformed) == 50
+
+    worker = start_worker(settings, sink=True, log_path=tmp_path / "worker.log")
+    try:
+        wait_healthy(settings, worker)
+        assert publish(settings, messages) == 10_000
+
+        def landed():
+            rows = sql(settings, " UNION ALL ".join(
+                f"SELECT '{t}', count() FROM {{db}}.{t}" for t in [*RAW_TABLES.values(), "deadletter"]))
+            counts = {name: int(n) for name, n in rows}
+            return counts if sum(counts.values()) >= 9_800 else None
+
+        counts = wait_for(landed, 120, "ClickHouse to hold every event")
+        wait_for(lambda: total(scrape(settings), "abstream_events_consumed_total") >= 10_000, 60, "the agent to consume all")
+        time.sleep(2)  # anything beyond the expected counts would have had time to land too
+
+        for kind, table in RAW_TABLES.items():
+            expected = sorted(
+                tuple(record[c] for c in event_columns(kind))
+                for (k, _, _), record in distinct.items() if k is kind
+            )
+            got = sorted(
+                tuple({} if v is None and c == "segment" else v for c, v in zip(event_columns(kind), row))
+                for row in sql(settings, f"SELECT {SELECT_AS_AVRO[kind]} FROM {{db}}.{table}")
+            )
+            assert got == expected, f"{table} differs from the published events"
+        assert counts["deadletter"] == 50
+
+        dead_rows = sql(settings, "SELECT reason, hex(payload) FROM {db}.deadletter")
+        assert sorted(bytes.fromhex(h) for _, h in dead_rows) == sorted(m.value for m in malformed)
+        assert all(reason for reason, _ in dead_rows)
+
+        letters = read_topic(settings, settings.topic(DEADLETTER), 50)
+        assert len(letters) == 50
+        assert sorted(m.value() for m in letters) == sorted(m.value for m in malformed)
+        for letter in letters:
+            headers = dict(letter.headers())
+            assert headers["abstream.reason"].decode() in {
+                "not_wire_format", "unknown_schema", "bad_avro", "invalid_field", "wrong_kind"}
+            assert headers["abstream.detail"] and headers["abstream.topic"].decode().startswith(settings.topic_prefix)
+
+        samples = scrape(settings)
+        assert total(samples, "abstream_events_consumed_total") == 10_000
+        assert total(samples, "abstream_events_duplicate_total") == 200
+        assert total(samples, "abstream_deadletters_total") == 50
+        for table in RAW_TABLES.values():
+            assert total(samples, "abstream_sink_rows_total", table=table) == counts[table]
+        assert total(samples, "abstream_sink_rows_total", table="deadletter") == 50
+        assert total(samples, "abstream_sink_duplicates_total") == 200
+    finally:
+        stop_worker(worker)
+    assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
