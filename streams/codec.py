@@ -165,10 +165,12 @@ class RegistryCatalogue:
 class Codec:
     """Encodes and decodes abstream events; decoding resolves the writer's schema to ours."""
 
-    def __init__(self, schemas: SchemaSource | None = None):
+    def __init__(self, schemas: SchemaSource | None = None, *, readers: LocalCatalogue | None = None):
+        """``schemas`` resolves the ids in payloads; ``readers`` (the local catalogue by default)
+        gives the newest schema of each kind, which every decoded record is resolved to."""
         self.schemas = schemas or LocalCatalogue()
-        local = LocalCatalogue()
-        self._reader = {kind: local.writer(local.id_for(kind)).parsed for kind in EventKind}
+        readers = readers or LocalCatalogue()
+        self._reader = {kind: readers.writer(readers.id_for(kind)).parsed for kind in EventKind}
 
     def encode(self, kind: EventKind, record: dict) -> bytes:
         schema_id = self.schemas.id_for(kind)
@@ -239,3 +241,13 @@ def validate(kind: EventKind, record: dict) -> str | None:
         if latency is not None and not 0.0 <= latency <= MAX_LATENCY_MS:
             return f"{name} {latency} is outside [0, {MAX_LATENCY_MS:.0f}]"
     return None
+
+
+def schema_source(registry_url: str = "") -> SchemaSource:
+    """The registry at ``registry_url`` when one is configured, else the local catalogue."""
+    if not registry_url:
+        return LocalCatalogue()
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    # new_client also accepts mock:// URLs (an in-process registry, for tests and trials).
+    return RegistryCatalogue(SchemaRegistryClient.new_client({"url": registry_url}))

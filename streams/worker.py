@@ -21,7 +21,7 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
-from streams.codec import Codec, DeadLetter
+from streams.codec import Codec, DeadLetter, schema_source
 from streams.settings import Settings
 from streams.sink import Sink
 from streams.topics import DEADLETTER, deadletter_headers, input_topic_names
@@ -117,7 +117,7 @@ def create_app(settings: Settings, *, warehouse: Warehouse | None = None) -> fau
     )
     inputs = app.topic(*input_topic_names(settings), key_serializer="raw", value_serializer="raw")
     deadletters = app.topic(settings.topic(DEADLETTER), key_serializer="raw", value_serializer="raw")
-    stage1 = Stage1(settings, Codec())
+    stage1 = Stage1(settings, Codec(schema_source(settings.schema_registry_url)))
 
     @app.agent(inputs, concurrency=1, name="stage1")
     async def stage1_agent(stream):
@@ -176,7 +176,7 @@ def run_worker(settings: Settings, *, sink: bool, loglevel: str = "warning") -> 
     endpoint = sink_endpoint_file(settings)
     if sink:
         warehouse = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database)
-        sink_role = Sink(settings, warehouse, Codec())
+        sink_role = Sink(settings, warehouse, Codec(schema_source(settings.schema_registry_url)))
         sink_role.start()
         settings.home.mkdir(parents=True, exist_ok=True)
         endpoint.write_text(json.dumps({"pid": os.getpid(), "url": f"http://{settings.web_host}:{settings.web_port}"}))

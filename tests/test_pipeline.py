@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 import urllib.parse
 import urllib.request
 
@@ -124,6 +128,13 @@ def test_ten_thousand_events_reach_clickhouse_exactly_once(worker_settings, tmp_
             assert total(samples, "abstream_sink_rows_total", table=table) == counts[table]
         assert total(samples, "abstream_sink_rows_total", table="deadletter") == 50
         assert total(samples, "abstream_sink_duplicates_total") == 200
+
+        # A reader in another process reaches the embedded ClickHouse through the worker.
+        cli = subprocess.run(
+            [str(Path(sys.executable).parent / "abstream"), "query", "--json", "SELECT count() FROM {db}.outcomes"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, **settings.to_env()})
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["rows"] == [[counts["outcomes"]]]
     finally:
         stop_worker(worker)
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]

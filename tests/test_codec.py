@@ -1,0 +1,111 @@
+"""The wire-format codec and the validation rules, on bytes written by us and by confluent-kafka."""
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from streams.codec import Codec, DeadLetter, DeadLetterReason, EventKind, LocalCatalogue, RegistryCatalogue
+from streams.simulate import simulate_records
+
+RECORDS = {kind: next(r for k, r in simulate_records(200, seed=3) if k is kind) for kind in EventKind}
+
+
+@pytest.mark.parametrize("kind", list(EventKind))
+def test_round_trip_in_confluent_wire_format(kind):
+    codec = Codec()
+    payload = codec.encode(kind, RECORDS[kind])
+    assert payload[0] == 0
+    assert struct.unpack(">I", payload[1:5])[0] == LocalCatalogue().id_for(kind)
+    assert codec.decode(kind, payload) == RECORDS[kind]
+
+
+@pytest.mark.parametrize("kind", list(EventKind))
+def test_bytes_from_confluent_avro_serializer_decode_to_the_same_record(kind):
+    registry = SchemaRegistryClient.new_client({"url": "mock://abstream-codec-test"})
+    local = LocalCatalogue()
+    serializer = AvroSerializer(registry, local.schema_json(kind))
+    record = RECORDS[kind]
+    payload = serializer(record, SerializationContext(f"abstream.{kind.value}s", MessageField.VALUE))
+    assert Codec(RegistryCatalogue(registry)).decode(kind, payload) == record
+
+
+def test_registry_catalogue_registers_and_reads_back():
+    registry = SchemaRegistryClient.new_client({"url": "mock://abstream-codec-register"})
+    codec = Codec(RegistryCatalogue(registry))
+    payload = codec.encode(EventKind.OUTCOME, RECORDS[EventKind.OUTCOME])
+    fresh_reader = Codec(RegistryCatalogue(registry))
+    assert fresh_reader.decode(EventKind.OUTCOME, payload) == RECORDS[EventKind.OUTCOME]
+
+
+def _reason(kind, payload):
+    result = Codec().decode(kind, payload)
+    assert isinstance(result, DeadLetter), result
+    assert result.detail and "\n" not in result.detail
+    return result.reason
+
+
+def test_each_way_of_going_bad_has_its_reason():
+    codec = Codec()
+    good = codec.encode(EventKind.ASSIGNMENT, RECORDS[EventKind.ASSIGNMENT])
+    assert _reason(EventKind.ASSIGNMENT, None) is DeadLetterReason.NOT_WIRE_FORMAT
+    assert _reason(EventKind.ASSIGNMENT, b"\x01" + good[1:]) is DeadLetterReason.NOT_WIRE_FORMAT
+    assert _reason(EventKind.ASSIGNMENT, b"\x00\x00") is DeadLetterReason.NOT_WIRE_FORMAT
+    assert _reason(EventKind.ASSIGNMENT, b"\x00" + struct.pack(">I", 777) + good[5:]) is DeadLetterReason.UNKNOWN_SCHEMA
+    assert _reason(EventKind.PREDICTION, good) is DeadLetterReason.WRONG_KIND
+    assert _reason(EventKind.ASSIGNMENT, good[:-3]) is DeadLetterReason.BAD_AVRO
+    assert _reason(EventKind.ASSIGNMENT, good + b"\x00") is DeadLetterReason.BAD_AVRO
+
+
+@pytest.mark.parametrize("kind, change, words", [
+    (EventKind.PREDICTION, {"score": math.nan}, "score"),
+    (EventKind.PREDICTION, {"score": math.inf}, "score"),
+    (EventKind.PREDICTION, {"latency_ms": -1.0}, "latency_ms"),
+    (EventKind.PREDICTION, {"latency_ms": 1e12}, "latency_ms"),
+    (EventKind.SHADOW, {"challenger_latency_ms": -3.0}, "challenger_latency_ms"),
+    (EventKind.OUTCOME, {"value": -math.inf}, "value"),
+    (EventKind.OUTCOME, {"unit_id": ""}, "unit_id"),
+    (EventKind.ASSIGNMENT, {"event_id": ""}, "event_id"),
+    (EventKind.ASSIGNMENT, {"experiment_id": "x" * 10_000}, "experiment_id"),
+    (EventKind.ASSIGNMENT, {"event_time": 0}, "event_time"),
+    (EventKind.ASSIGNMENT, {"event_time": 2**62}, "event_time"),
+    (EventKind.ASSIGNMENT, {"segment": {str(i): "v" for i in range(100)}}, "segment"),
+])
+def test_validation_names_the_field(kind, change, words):
+    codec = Codec()
+    result = codec.decode(kind, codec.encode(kind, {**RECORDS[kind], **change}))
+    assert isinstance(result, DeadLetter) and result.reason is DeadLetterReason.INVALID_FIELD
+    assert words in result.detail
+
+
+def test_optional_fields_may_be_null():
+    codec = Codec()
+    record = {**RECORDS[EventKind.SHADOW], "challenger_latency_ms": None, "challenger_score": None}
+    assert codec.decode(EventKind.SHADOW, codec.encode(EventKind.SHADOW, record)) == record
+
+
+def test_events_written_with_an_older_schema_still_decode(tmp_path):
+    """Backward compatibility: a v2 that adds a field with a default reads v1 bytes."""
+    import json
+    import shutil
+
+    from streams.codec import SCHEMA_DIR
+
+    for f in SCHEMA_DIR.glob("*.avsc"):
+        shutil.copy(f, tmp_path / f.name)
+    v2 = json.loads((SCHEMA_DIR / "prediction.v1.avsc").read_text())
+    v2["fields"].append({"name": "region", "type": "string", "default": "unknown"})
+    (tmp_path / "prediction.v2.avsc").write_text(json.dumps(v2))
+    catalogue = json.loads((SCHEMA_DIR / "catalogue.json").read_text())
+    catalogue["schemas"].append({"id": 5, "kind": "prediction", "file": "prediction.v2.avsc"})
+    (tmp_path / "catalogue.json").write_text(json.dumps(catalogue))
+
+    old_bytes = Codec().encode(EventKind.PREDICTION, RECORDS[EventKind.PREDICTION])
+    evolved = LocalCatalogue(tmp_path)
+    assert evolved.id_for(EventKind.PREDICTION) == 5
+    decoded = Codec(evolved, readers=evolved).decode(EventKind.PREDICTION, old_bytes)
+    assert decoded == {**RECORDS[EventKind.PREDICTION], "region": "unknown"}
