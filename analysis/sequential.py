@@ -420,6 +420,10 @@ class GroupSequentialBounds:
                 "spending": self.spending}
 
 
+def _std_normal_pdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
 def _simpson_weights(m: int, half_width: float) -> tuple[np.ndarray, np.ndarray]:
     """Return nodes and composite-Simpson weights on [-half_width, half_width], m odd."""
     x = np.linspace(-half_width, half_width, m)
@@ -472,15 +476,16 @@ def group_sequential_bounds(information_fractions: Sequence[float], *, alpha: fl
         else:
             def crossing(c_: float) -> float:
                 b = c_ * math.sqrt(t_k)
-                return float(wf @ (norm.cdf((-b - x) / sd) + norm.cdf((x - b) / sd))) - increment
+                return float(wf @ (special.ndtr((-b - x) / sd) + special.ndtr((x - b) / sd))) \
+                    - increment
             c = optimize.brentq(crossing, 0.0, 40.0, xtol=1e-12)
         bounds.append(c)
         half = (c if math.isfinite(c) else no_bound_sd) * math.sqrt(t_k)
         y, w = _simpson_weights(m, half)
         if x is None:
-            density = norm.pdf(y / math.sqrt(t_k)) / math.sqrt(t_k)
+            density = _std_normal_pdf(y / math.sqrt(t_k)) / math.sqrt(t_k)
         else:
-            density = norm.pdf((y[:, None] - x[None, :]) / sd) @ wf / sd
+            density = _std_normal_pdf((y[:, None] - x[None, :]) / sd) @ wf / sd
         x, wf = y, w * density
         t_prev, spent_prev = float(t_k), float(spent_k)
     return GroupSequentialBounds(tuple(float(v) for v in t), tuple(bounds),
