@@ -21,11 +21,11 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import string
 import subprocess
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
