@@ -11,7 +11,7 @@ METHODS = [(bonferroni, "bonferroni"), (holm, "holm"), (benjamini_hochberg, "fdr
 
 
 @pytest.mark.parametrize("adjust,name", METHODS)
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=30))
 def test_adjusted_pvalues_match_statsmodels(adjust, name, pvalues):
     want = multipletests(pvalues, method=name)[1]
