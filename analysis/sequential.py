@@ -444,7 +444,10 @@ def group_sequential_bounds(information_fractions: Sequence[float], *, alpha: fl
     alpha(t_k) - alpha(t_{k-1}); the sub-density of W(t_k) on the continuation region is
     carried from look to look by numerical convolution with the normal increment density
     (Armitage, McPherson and Rowe 1969; Reboussin, DeMets, Kim, Lan 2000), here with
-    composite Simpson's rule on ``grid_points`` nodes. Fractions above 1 spend all of
+    composite Simpson's rule on ``grid_points`` nodes. Bounds are symmetric: each side
+    spends half of alpha(t), as gsDesign (test.type=2) and rpact (sided=2); for 5 equal
+    looks at alpha 0.05 the O'Brien-Fleming type gives z = 4.877, 3.357, 2.680, 2.290,
+    2.031. Fractions above 1 spend all of
     alpha (alpha(t) is capped at t = 1). A look where nothing is left to spend gets an
     infinite bound.
     """
