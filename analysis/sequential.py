@@ -67,7 +67,7 @@ class AlwaysValidPValue:
 
     Feed it the p-value of every look (``msprt``, ``confidence_sequence``,
     ``sequential_srm_pvalue``); ``p_value`` is then P-value_n = min_{m<=n} p_m of Johari et
-    al. (2022, section 3), valid at any data-dependent stopping time.
+    al. (2022), valid at any data-dependent stopping time.
     """
 
     p_value: float = 1.0
@@ -91,7 +91,7 @@ class AlwaysValidPValue:
 
 @dataclass(frozen=True)
 class AlwaysValidInterval:
-    """Running intersection of confidence-sequence intervals (Johari et al. 2022, sec. 3).
+    """Running intersection of confidence-sequence intervals (Johari et al. 2022).
 
     Coverage holds for all looks at once, so the intersection covers too. With an
     asymptotic sequence the intersection can come out empty (``low > high``) when the
@@ -152,7 +152,7 @@ def mixture_log_likelihood_ratio(estimate: ArrayLike, variance: ArrayLike,
     With the estimate d ~ N(theta, V) and mixing distribution theta ~ N(0, tau2),
     Lambda = integral N(d; theta, V) N(theta; 0, tau2) dtheta / N(d; 0, V)
            = sqrt(V / (V + tau2)) exp(tau2 d^2 / (2 V (V + tau2)))
-    (Johari et al. 2022, eq. (11), written for the two-sample difference of means).
+    (Johari et al. 2022, normal mixture, written for the two-sample difference).
     """
     d = np.asarray(estimate, dtype=float)
     v = np.asarray(variance, dtype=float)
@@ -169,7 +169,7 @@ def mixture_p_value(estimate: ArrayLike, variance: ArrayLike, tau2: ArrayLike) -
 def mixture_halfwidth(variance: ArrayLike, tau2: ArrayLike, alpha: float) -> np.ndarray:
     """Return the half width of the mSPRT always-valid interval at level 1 - alpha.
 
-    The interval is {theta : Lambda(d - theta) < 1/alpha} (Johari et al. 2022, sec. 3.3),
+    The interval is {theta : Lambda(d - theta) < 1/alpha} (Johari et al. 2022),
     so d +- sqrt( V (V + tau2) / tau2 * (2 ln(1/alpha) + ln((V + tau2) / V)) ).
     """
     _check_alpha(alpha)
