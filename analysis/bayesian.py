@@ -129,6 +129,8 @@ def gaussian_test(control: Moments, treatment: Moments, *, relative: bool = Fals
     (``gbstats/bayesian/tests.py``) with its flat or proper Gaussian prior.
     """
     estimate, variance = lift(control, treatment, relative)
+    if variance == 0:
+        raise ValueError("the lift has zero variance (no variation in either arm)")
     if prior is not None:
         precision = 1.0 / variance + 1.0 / prior.variance
         estimate = (estimate / variance + prior.mean / prior.variance) / precision

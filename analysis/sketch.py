@@ -60,9 +60,9 @@ class QuantileSketch:
             raise ValueError("sketch values must be finite and >= 0")
         positive = array[array > 0]
         new_keys = np.ceil(np.log(positive) / math.log(self.gamma)).astype(np.int64)
-        keys, counts = _add_counts(np.concatenate([np.asarray(self.keys, dtype=np.int64), new_keys]),
-                                   np.concatenate([np.asarray(self.counts, dtype=float),
-                                                   np.ones(new_keys.size)]))
+        keys, counts = _add_counts(
+            np.concatenate([np.asarray(self.keys, dtype=np.int64), new_keys]),
+            np.concatenate([np.asarray(self.counts, dtype=float), np.ones(new_keys.size)]))
         return QuantileSketch(self.relative_accuracy,
                               self.zero_count + int(array.size - positive.size), keys, counts)
 

@@ -79,7 +79,8 @@ class ProportionStats(_Sums):
 
     def __post_init__(self) -> None:
         if not 0 <= self.successes <= self.n:
-            raise ValueError(f"need 0 <= successes <= n, got n={self.n}, successes={self.successes}")
+            raise ValueError(f"need 0 <= successes <= n, got n={self.n}, "
+                             f"successes={self.successes}")
 
     @classmethod
     def from_values(cls, values: ArrayLike) -> ProportionStats:
@@ -312,8 +313,8 @@ class CupedStats(_Sums):
         """
         variance = (self.metric.variance + theta**2 * self.covariate.variance
                     - 2.0 * theta * self.covariance)
-        return CupedMoments(self.n, self.metric.mean - theta * (self.covariate.mean - covariate_mean),
-                            max(variance, 0.0))
+        mean = self.metric.mean - theta * (self.covariate.mean - covariate_mean)
+        return CupedMoments(self.n, mean, max(variance, 0.0))
 
 
 def pooled_theta(control: CupedStats, treatment: CupedStats) -> float:
