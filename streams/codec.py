@@ -40,12 +40,16 @@ class EventKind(str, Enum):
     OUTCOME = "outcome"
 
 
-_KIND_BY_RECORD_NAME = {
-    "abstream.events.Assignment": EventKind.ASSIGNMENT,
-    "abstream.events.Prediction": EventKind.PREDICTION,
-    "abstream.events.Shadow": EventKind.SHADOW,
-    "abstream.events.Outcome": EventKind.OUTCOME,
-}
+
+
+class ControlKind(str, Enum):
+    """Records of the control plane, written in the same wire format as events."""
+
+    EXPERIMENT_CONFIG = "experiment_config"
+
+
+Kind = EventKind | ControlKind
+_KINDS = {k.value: k for k in [*EventKind, *ControlKind]}
 
 
 class DeadLetterReason(str, Enum):
@@ -69,13 +73,13 @@ class UnknownSchemaId(LookupError):
 @dataclass(frozen=True)
 class WriterSchema:
     schema_id: int
-    kind: EventKind
+    kind: Kind
     parsed: Any
 
 
 class SchemaSource(Protocol):
     def writer(self, schema_id: int) -> WriterSchema: ...
-    def id_for(self, kind: EventKind) -> int: ...
+    def id_for(self, kind: Kind) -> int: ...
 
 
 def _plain(schema: Any) -> Any:
@@ -91,12 +95,16 @@ def _plain(schema: Any) -> Any:
     return schema
 
 
-def parse_schema(schema_json: str | dict) -> tuple[EventKind, Any]:
+def _record_name(raw: dict) -> str:
+    return f"{raw.get('namespace', '')}.{raw['name']}".lstrip(".")
+
+
+def parse_schema(schema_json: str | dict, kind_by_record: dict[str, Kind]) -> tuple[Kind, Any]:
+    """The kind of a record schema (by its full name) and the schema parsed for fastavro."""
     raw = json.loads(schema_json) if isinstance(schema_json, str) else schema_json
-    fullname = f"{raw.get('namespace', '')}.{raw['name']}".lstrip(".")
-    kind = _KIND_BY_RECORD_NAME.get(fullname)
+    kind = kind_by_record.get(_record_name(raw))
     if kind is None:
-        raise UnknownSchemaId(f"record {fullname} is not an abstream event")
+        raise UnknownSchemaId(f"record {_record_name(raw)} is not an abstream record")
     return kind, fastavro.parse_schema(_plain(raw), named_schemas={})
 
 
@@ -106,12 +114,16 @@ class LocalCatalogue:
     def __init__(self, directory: Path = SCHEMA_DIR):
         entries = json.loads((directory / "catalogue.json").read_text())["schemas"]
         self._by_id: dict[int, WriterSchema] = {}
-        self._latest: dict[EventKind, int] = {}
+        self._latest: dict[Kind, int] = {}
+        self._json: dict[int, str] = {}
+        self.kind_by_record: dict[str, Kind] = {}
         for entry in entries:
-            kind, parsed = parse_schema((directory / entry["file"]).read_text())
-            if kind.value != entry["kind"]:
-                raise ValueError(f"catalogue entry {entry['id']} says {entry['kind']}, schema says {kind.value}")
+            text = (directory / entry["file"]).read_text()
+            kind = _KINDS[entry["kind"]]
+            self.kind_by_record[_record_name(json.loads(text))] = kind
+            _, parsed = parse_schema(text, self.kind_by_record)
             self._by_id[entry["id"]] = WriterSchema(entry["id"], kind, parsed)
+            self._json[entry["id"]] = text
             self._latest[kind] = max(entry["id"], self._latest.get(kind, 0))
 
     def writer(self, schema_id: int) -> WriterSchema:
@@ -120,11 +132,16 @@ class LocalCatalogue:
         except KeyError:
             raise UnknownSchemaId(f"schema id {schema_id} is not in the local catalogue") from None
 
-    def id_for(self, kind: EventKind) -> int:
+    def id_for(self, kind: Kind) -> int:
         return self._latest[kind]
 
-    def schema_json(self, kind: EventKind) -> str:
-        return json.dumps(self._by_id[self._latest[kind]].parsed)
+    @property
+    def kinds(self) -> list[Kind]:
+        return list(self._latest)
+
+    def schema_json(self, kind: Kind) -> str:
+        """The newest schema of the kind as written in its .avsc file (logical types kept)."""
+        return self._json[self._latest[kind]]
 
 
 class RegistryCatalogue:
@@ -138,7 +155,7 @@ class RegistryCatalogue:
         self._client = client
         self._local = local or LocalCatalogue()
         self._by_id: dict[int, WriterSchema] = {}
-        self._ids: dict[EventKind, int] = {}
+        self._ids: dict[Kind, int] = {}
 
     def writer(self, schema_id: int) -> WriterSchema:
         cached = self._by_id.get(schema_id)
@@ -148,17 +165,19 @@ class RegistryCatalogue:
             schema = self._client.get_schema(schema_id)
         except Exception as exc:  # the registry client raises its own error types
             raise UnknownSchemaId(f"schema id {schema_id} is not in the registry: {exc}") from None
-        kind, parsed = parse_schema(schema.schema_str)
+        try:
+            kind, parsed = parse_schema(schema.schema_str, self._local.kind_by_record)
+        except (UnknownSchemaId, ValueError, KeyError) as exc:
+            raise UnknownSchemaId(f"schema id {schema_id} in the registry is not usable: {exc}") from None
         self._by_id[schema_id] = found = WriterSchema(schema_id, kind, parsed)
         return found
 
-    def id_for(self, kind: EventKind) -> int:
+    def id_for(self, kind: Kind) -> int:
         if kind not in self._ids:
             from confluent_kafka.schema_registry import Schema
 
-            record = json.loads(self._local.schema_json(kind))
-            subject = f"{record['namespace']}.{record['name']}" if "namespace" in record else record["name"]
-            self._ids[kind] = self._client.register_schema(subject, Schema(self._local.schema_json(kind), "AVRO"))
+            text = self._local.schema_json(kind)
+            self._ids[kind] = self._client.register_schema(_record_name(json.loads(text)), Schema(text, "AVRO"))
         return self._ids[kind]
 
 
@@ -170,16 +189,16 @@ class Codec:
         gives the newest schema of each kind, which every decoded record is resolved to."""
         self.schemas = schemas or LocalCatalogue()
         readers = readers or LocalCatalogue()
-        self._reader = {kind: readers.writer(readers.id_for(kind)).parsed for kind in EventKind}
+        self._reader = {kind: readers.writer(readers.id_for(kind)).parsed for kind in readers.kinds}
 
-    def encode(self, kind: EventKind, record: dict) -> bytes:
+    def encode(self, kind: Kind, record: dict) -> bytes:
         schema_id = self.schemas.id_for(kind)
         buf = io.BytesIO()
         buf.write(_HEADER.pack(0, schema_id))
         fastavro.schemaless_writer(buf, self.schemas.writer(schema_id).parsed, record)
         return buf.getvalue()
 
-    def decode(self, kind: EventKind, payload: bytes | None) -> dict | DeadLetter:
+    def decode(self, kind: Kind, payload: bytes | None) -> dict | DeadLetter:
         """The validated record, or the dead letter that says why there is none."""
         if payload is None or len(payload) < _HEADER.size or payload[0] != 0:
             return DeadLetter(DeadLetterReason.NOT_WIRE_FORMAT, "payload does not start with magic byte 0 and a schema id")
@@ -198,7 +217,7 @@ class Codec:
             return DeadLetter(DeadLetterReason.BAD_AVRO, f"{type(exc).__name__}: {exc}"[:200])
         if body.tell() != len(payload):
             return DeadLetter(DeadLetterReason.BAD_AVRO, f"{len(payload) - body.tell()} bytes after the end of the record")
-        problem = validate(kind, record)
+        problem = validate(kind, record) if isinstance(kind, EventKind) else None
         if problem is not None:
             return DeadLetter(DeadLetterReason.INVALID_FIELD, problem)
         return record
