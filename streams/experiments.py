@@ -32,6 +32,9 @@ from streams.settings import Settings
 from streams.topics import TopicError, make_producer
 
 log = logging.getLogger(__name__)
+# librdkafka's own log lines go here rather than to stderr, where they would break the
+# command line's one-line errors.
+_client_log = logging.getLogger("streams.experiments.librdkafka")
 
 EXPERIMENTS_TOPIC = "experiments"
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -293,6 +296,8 @@ class ExperimentConfig:
           normalised to sum to 1 (``[1, 1]`` and ``[50, 50]`` both mean an even split);
           when no variant gives a weight the split is even;
         - ``control`` defaults to the first variant;
+        - with ``allocation: canary`` (exactly two variants) the variants carry no weight:
+          the challenger starts at ``canary_steps[0]``, which ``weights`` then reports;
         - durations (``*_s``) are whole seconds or strings such as ``"7d"``, ``"12h"``,
           ``"30m"``, ``"45s"``, ``"2w"`` or ``"1h30m"``;
         - a guardrail's ``name`` defaults to its kind; an srm guardrail's threshold defaults
@@ -519,6 +524,11 @@ def _parse_config(mapping: Mapping[str, Any], now_ms: int) -> ExperimentConfig:
 
     allocation = top.choice("allocation", AllocationMode, AllocationMode.FIXED)
     canary_steps = _parse_canary_steps(top, allocation, variants)
+    if canary_steps:
+        for i, item in enumerate(top.mapping["variants"]):
+            if isinstance(item, Mapping) and item.get("weight") is not None:
+                raise ConfigError(f"variants[{i}].weight: with allocation canary the split follows canary_steps; remove the weight")
+        variants = tuple(replace(v, weight=canary_steps[0] if v.name != control else 1.0 - canary_steps[0]) for v in variants)
 
     return ExperimentConfig(
         experiment_id=experiment_id,
@@ -733,7 +743,8 @@ _ConfigLoader.add_implicit_resolver(
 # ---------------------------------------------------------------------------------------
 
 def _next(config: ExperimentConfig, now_ms: int | None, **changes: Any) -> ExperimentConfig:
-    return replace(config, version=config.version + 1, updated_time_ms=_now_ms() if now_ms is None else now_ms, **changes)
+    changes.setdefault("version", config.version + 1)
+    return replace(config, updated_time_ms=_now_ms() if now_ms is None else now_ms, **changes)
 
 
 def start(config: ExperimentConfig, *, now_ms: int | None = None) -> ExperimentConfig:
@@ -786,7 +797,7 @@ def ensure_experiments_topic(settings: Settings, timeout_s: float = 30.0) -> str
     """Create ``<prefix>experiments`` (one partition, compacted) if missing; return its name.
     Refuses a topic of that name that is not compacted."""
     topic = experiments_topic(settings)
-    admin = AdminClient(settings.kafka_config())
+    admin = AdminClient(settings.kafka_config(logger=_client_log))
     deadline = time.monotonic() + timeout_s
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
@@ -827,7 +838,7 @@ def publish_config(settings: Settings, config: ExperimentConfig, *, codec: Codec
     raises :class:`ExperimentTopicError` when it is not delivered."""
     topic = ensure_experiments_topic(settings, timeout_s)
     value = (codec or _codec(settings)).encode(ControlKind.EXPERIMENT_CONFIG, config.to_record())
-    producer = make_producer(settings, **{"message.timeout.ms": str(int(timeout_s * 1000))})
+    producer = make_producer(settings, **{"message.timeout.ms": str(int(timeout_s * 1000)), "logger": _client_log})
     outcome: list = []
     producer.produce(topic, key=config.experiment_id.encode(), value=value,
                      on_delivery=lambda err, msg: outcome.append(err))
@@ -858,6 +869,7 @@ def _decode(codec: Codec, key: bytes | None, value: bytes | None) -> tuple[str |
 def _reader(settings: Settings) -> Consumer:
     # assign() only, never commits: the group id is required by librdkafka but unused.
     return Consumer(settings.kafka_config(**{
+        "logger": _client_log,
         "group.id": f"{settings.topic_prefix}experiments-reader",
         "enable.auto.commit": "false",
         "enable.partition.eof": "true",
