@@ -154,6 +154,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Settings.from_env(), events=args.events)
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from streams import experiments
+
+    if args.action == "create":
+        config = experiments.load_config_file(args.file)  # a bad file fails before Kafka is asked
+    settings = _settings(args)
+    scan = experiments.scan_configs(settings)
+    if scan.skipped:
+        print(f"abstream: warning: {scan.skipped} undecodable records in {experiments.experiments_topic(settings)} skipped",
+              file=sys.stderr)
+    configs = scan.configs
+    if args.action == "list":
+        return _print_experiment_list(list(configs.values()), as_json=args.json)
+    if args.action == "create":
+        current = configs.get(config.experiment_id)
+        if current is not None and not args.replace:
+            raise CommandError(f"experiment {current.experiment_id} already exists (version {current.version}, "
+                               f"{current.status.value}); use --replace to change its definition")
+        if current is not None:
+            config = experiments.revise(current, config)
+        experiments.publish_config(settings, config)
+        verb = "replaced" if current is not None else "created"
+        _print_experiment_change(config, f"{verb} experiment {config.experiment_id}", as_json=args.json)
+        return EXIT_OK
+    current = configs.get(args.experiment_id)
+    if current is None:
+        known = ", ".join(sorted(configs)[:10]) or "none yet"
+        raise CommandError(f"no experiment {args.experiment_id!r} in {experiments.experiments_topic(settings)} (known: {known})")
+    if args.action == "show":
+        return _print_experiment(current, as_json=args.json)
+    config = experiments.TRANSITIONS[args.action](current)
+    experiments.publish_config(settings, config)
+    verb = {"start": "started", "pause": "paused", "stop": "stopped"}[args.action]
+    _print_experiment_change(config, f"{verb} experiment {config.experiment_id}", as_json=args.json)
+    return EXIT_OK
+
+
+def _print_experiment_change(config, message: str, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(config.to_record()))
+    else:
+        print(f"{message} (version {config.version}, {config.status.value})")
+
+
+def _print_experiment_list(configs: list, *, as_json: bool) -> int:
+    configs = sorted(configs, key=lambda c: c.experiment_id)
+    if as_json:
+        print(json.dumps([
+            {"experiment_id": c.experiment_id, "status": c.status.value, "version": c.version, "variants": c.weights,
+             "control": c.control, "primary_metric": {"name": c.primary_metric.name, "kind": c.primary_metric.kind.value,
+                                                      "direction": c.primary_metric.direction.value}}
+            for c in configs
+        ]))
+        return EXIT_OK
+    if not configs:
+        print("no experiments")
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("experiment", "status", "version", "variants", "primary metric")
+    for c in configs:
+        variants = ", ".join(f"{name} {weight:.0%}" + (" (control)" if name == c.control else "")
+                             for name, weight in c.weights.items())
+        metric = c.primary_metric
+        table.add_row(c.experiment_id, c.status.value, str(c.version), variants,
+                      f"{metric.name} ({metric.kind.value}, {metric.direction.value})")
+    Console().print(table)
+    return EXIT_OK
+
+
+def _print_experiment(config, *, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(config.to_record()))
+        return EXIT_OK
+    import datetime
+
+    import yaml
+
+    def when(ms):
+        return "-" if ms is None else datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
+
+    print(f"# {config.experiment_id}: {config.status.value}, version {config.version}, "
+          f"updated {when(config.updated_time_ms)}, started {when(config.started_time_ms)}")
+    print(yaml.safe_dump(config.to_mapping(), sort_keys=False).rstrip())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="abstream", description="Kafka-native experiment processor for A/B tests of ML models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -191,11 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sql", help="the query; {db} names the abstream database")
     p.add_argument("--json", action="store_true", help="print columns and rows as JSON")
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("experiment", help="define experiments and start, pause, stop, list or show them")
+    common = _Parser(add_help=False)
+    common.add_argument("--bootstrap", help="Kafka bootstrap servers (default $ABSTREAM_KAFKA_BOOTSTRAP)")
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    a = actions.add_parser("create", parents=[common], help="create an experiment (status draft) from a YAML or JSON file")
+    a.add_argument("file", metavar="FILE", help="the experiment's config (see examples/experiments/)")
+    a.add_argument("--replace", action="store_true",
+                   help="replace an existing experiment's definition, keeping its status and bumping its version")
+    for action, text in (("start", "start a draft or paused experiment"), ("pause", "pause a running experiment"),
+                         ("stop", "stop a running or paused experiment, for good")):
+        a = actions.add_parser(action, parents=[common], help=text)
+        a.add_argument("experiment_id", metavar="ID")
+    actions.add_parser("list", parents=[common], help="list experiments: id, status, version, variants, primary metric")
+    a = actions.add_parser("show", parents=[common], help="show an experiment's whole config")
+    a.add_argument("experiment_id", metavar="ID")
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from streams.experiments import ConfigError
     from streams.local_kafka import LocalKafkaError
     from streams.topics import TopicError
     from streams.warehouse import WarehouseError
@@ -204,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "simulate" and args.duplicates + args.malformed > args.events:
             raise CommandError("--duplicates plus --malformed cannot exceed --events")
         return args.func(args)
-    except (CommandError, SettingsError, LocalKafkaError, TopicError, WarehouseError) as exc:
+    except (CommandError, ConfigError, SettingsError, LocalKafkaError, TopicError, WarehouseError) as exc:
         print(f"abstream: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
