@@ -314,6 +314,9 @@ class ExperimentConfig:
         record = self.to_record()
         for name in _LIFECYCLE_FIELDS:
             record.pop(name)
+        if self.allocation is AllocationMode.CANARY:
+            for variant in record["variants"]:
+                del variant["weight"]  # the split follows canary_steps
         return record
 
 
@@ -712,6 +715,8 @@ def _parse_text(text: str, path: Path) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML: {where}{problem}") from None
+    if not documents or documents == [None]:
+        raise ConfigError(f"{path}: is empty; see examples/experiments/ for a config")
     if len(documents) != 1:
         raise ConfigError(f"{path}: must hold one YAML document, found {len(documents)}")
     return documents[0]
