@@ -17,7 +17,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -966,7 +966,10 @@ class ExperimentCatalogue:
         self._version = 0
         self.skipped = 0
         self._changed = threading.Condition()
-        self._caught_up = threading.Event()
+        self._read_to: dict[int, int] = {}  # partition -> offset after the last one read
+        self._start_ends: dict[int, int] = {}
+        self._probe: Consumer | None = None  # asks for high watermarks, from callers' threads
+        self._probe_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str | None = None
@@ -982,22 +985,19 @@ class ExperimentCatalogue:
         if self._thread is not None:
             return self
         ensure_experiments_topic(self.settings, timeout_s)
+        self._probe = _reader(self.settings)
         consumer = _reader(self.settings)
         try:
             partitions = sorted(consumer.list_topics(self.topic, timeout=timeout_s).topics[self.topic].partitions)
-            targets = {}
-            for p in partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)
-                if high > low:
-                    targets[p] = high
+            self._start_ends = self._high_watermarks(partitions, timeout_s)
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
         except KafkaException as exc:
             consumer.close()
             raise ExperimentTopicError(f"cannot follow {self.topic}: {exc.args[0].str()}") from None
-        if not targets:
-            self._caught_up.set()
+        self._partitions = partitions
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._follow, args=(consumer, targets),
+        self._error = None
+        self._thread = threading.Thread(target=self._follow, args=(consumer,),
                                          name=f"experiment-catalogue-{self.topic}", daemon=True)
         self._thread.start()
         return self
@@ -1007,32 +1007,40 @@ class ExperimentCatalogue:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        if self._probe is not None:
+            with self._probe_lock:
+                self._probe.close()
+                self._probe = None
 
-    def _follow(self, consumer: Consumer, targets: dict[int, int]) -> None:
+    def _high_watermarks(self, partitions: Iterable[int], timeout_s: float) -> dict[int, int]:
+        with self._probe_lock:
+            if self._probe is None:
+                raise ExperimentTopicError("the experiment catalogue is not started")
+            return {p: self._probe.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s, cached=False)[1]
+                    for p in partitions}
+
+    def _follow(self, consumer: Consumer) -> None:
         try:
             while not self._stopping.is_set():
                 msg = consumer.poll(self._poll_s)
                 if msg is None:
                     continue
-                if msg.error() is not None:
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        if msg.offset() >= targets.get(msg.partition(), 0):
-                            targets.pop(msg.partition(), None)
-                    elif msg.error().fatal():
-                        self._error = msg.error().str()
-                        log.error("experiment catalogue stopped: %s", self._error)
-                        return
-                else:
+                error = msg.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    if error.fatal():
+                        raise ExperimentTopicError(error.str())
+                    continue  # librdkafka retries transient errors itself
+                if error is None:
                     self._apply(msg)
-                    if msg.offset() + 1 >= targets.get(msg.partition(), 0):
-                        targets.pop(msg.partition(), None)
-                if not targets and not self._caught_up.is_set():
-                    self._caught_up.set()
-                    with self._changed:
-                        self._changed.notify_all()
+                    position = msg.offset() + 1
+                else:
+                    position = msg.offset()
+                with self._changed:
+                    self._read_to[msg.partition()] = max(position, self._read_to.get(msg.partition(), 0))
+                    self._changed.notify_all()
         except Exception as exc:  # keep serving the last known configs, and say why it stopped
             self._error = f"{type(exc).__name__}: {exc}"
-            log.exception("experiment catalogue stopped")
+            log.error("experiment catalogue stopped following %s: %s", self.topic, self._error)
         finally:
             consumer.close()
             with self._changed:
@@ -1069,14 +1077,35 @@ class ExperimentCatalogue:
         with self._changed:
             return dict(self._configs)
 
+    def _wait_until_read(self, ends: dict[int, int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while any(self._read_to.get(p, 0) < end for p, end in ends.items()):
+                if self._error is not None:
+                    raise ExperimentTopicError(f"experiment catalogue stopped: {self._error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExperimentTopicError(f"did not read {self.topic} to offsets {ends} within {timeout_s:g} s")
+                self._changed.wait(left)
+
     def wait_until_caught_up(self, timeout_s: float = 30.0) -> None:
         """Return once every record up to the high watermark seen at :meth:`start` has been
         read; raises :class:`ExperimentTopicError` on timeout or when the follower died."""
-        if self._thread is None and not self._caught_up.is_set():
+        if self._thread is None:
             raise ExperimentTopicError("the experiment catalogue is not started")
-        if not self._caught_up.wait(timeout_s):
-            raise ExperimentTopicError(self._error and f"experiment catalogue stopped: {self._error}"
-                                       or f"did not read {self.topic} to its end within {timeout_s:g} s")
+        self._wait_until_read(self._start_ends, timeout_s)
+
+    def refresh(self, timeout_s: float = 5.0) -> None:
+        """Return once every record published before this call has been read: for a caller
+        that meets an experiment_id it does not know yet. Costs one broker round trip;
+        raises :class:`ExperimentTopicError` on timeout or when the follower died."""
+        if self._thread is None:
+            raise ExperimentTopicError("the experiment catalogue is not started")
+        try:
+            ends = self._high_watermarks(self._partitions, timeout_s)
+        except KafkaException as exc:
+            raise ExperimentTopicError(f"cannot ask for the end of {self.topic}: {exc.args[0].str()}") from None
+        self._wait_until_read(ends, timeout_s)
 
     def wait_for_change(self, since_version: int, timeout_s: float) -> int:
         """Block until ``version`` differs from ``since_version`` or ``timeout_s`` passes;

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from streams.codec import Codec, ControlKind, SCHEMA_DIR
@@ -26,7 +25,6 @@ from streams.experiments import (
     ExperimentTopicError,
     GuardrailAction,
     GuardrailKind,
-    MetricDirection,
     MetricKind,
     ensure_experiments_topic,
     load_config_file,
@@ -502,6 +500,18 @@ def test_the_catalogue_sees_changes_published_after_it_started(settings):
         assert catalogue.wait_for_change(seen, 30) > seen
         wait_for(lambda: set(catalogue.all()) == {"exp-1", "exp-2"}, 30, "the second experiment")
         assert catalogue.get("exp-missing") is None
+
+
+@pytest.mark.kafka
+def test_refresh_reads_everything_published_before_it(settings):
+    with ExperimentCatalogue(settings) as catalogue:
+        catalogue.wait_until_caught_up(30)
+        for i in range(3):
+            config = ExperimentConfig.from_mapping(minimal(experiment_id=f"exp-{i}"), now_ms=T0)
+            publish_config(settings, config)
+            catalogue.refresh(timeout_s=30)
+            assert catalogue.get(f"exp-{i}") == config  # no polling: refresh waited for it
+        assert catalogue.version == 3
 
 
 @pytest.mark.kafka
