@@ -46,6 +46,7 @@ class ControlKind(str, Enum):
     """Records of the control plane, written in the same wire format as events."""
 
     EXPERIMENT_CONFIG = "experiment_config"
+    DECISION = "decision"
 
 
 Kind = EventKind | ControlKind
@@ -58,6 +59,7 @@ class DeadLetterReason(str, Enum):
     WRONG_KIND = "wrong_kind"
     BAD_AVRO = "bad_avro"
     INVALID_FIELD = "invalid_field"
+    UNKNOWN_EXPERIMENT = "unknown_experiment"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 dead-letter reasons and ClickHouse tables, never units or requests."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, disable_created_metrics
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double the output and no rule or dashboard reads them.
 disable_created_metrics()
@@ -12,6 +12,10 @@ EVENTS_CONSUMED = Counter(
 )
 EVENTS_DUPLICATE = Counter(
     "abstream_events_duplicate_total", "Valid events dropped because their event_id was already seen.", ["topic"]
+)
+EVENTS_IGNORED = Counter(
+    "abstream_events_ignored_total",
+    "Valid events not counted because their experiment is in draft or stopped, by topic and reason.", ["topic", "reason"]
 )
 DEADLETTERS = Counter(
     "abstream_deadletters_total", "Messages sent to the dead-letter topic, by source topic and reason.", ["topic", "reason"]
@@ -29,3 +33,38 @@ SINK_BATCH_ROWS = Histogram(
     "abstream_sink_batch_rows", "Rows per sink batch.", buckets=(1, 10, 100, 500, 1000, 5000, 10000, 50000)
 )
 SINK_INSERT_SECONDS = Histogram("abstream_sink_insert_seconds", "Time to check and write one sink batch.")
+
+EXPERIMENT_UNITS = Gauge("abstream_experiment_units", "Units exposed per experiment and variant.", ["experiment", "variant"])
+EXPERIMENT_LIFT = Gauge("abstream_experiment_lift", "Relative lift of the primary metric against control.", ["experiment", "variant"])
+EXPERIMENT_LIFT_LOW = Gauge("abstream_experiment_lift_ci_low", "Lower end of the lift's always-valid interval.", ["experiment", "variant"])
+EXPERIMENT_LIFT_HIGH = Gauge("abstream_experiment_lift_ci_high", "Upper end of the lift's always-valid interval.", ["experiment", "variant"])
+EXPERIMENT_P_VALUE = Gauge("abstream_experiment_p_value", "Always-valid p-value of the primary metric.", ["experiment", "variant"])
+EXPERIMENT_SRM_P_VALUE = Gauge("abstream_experiment_srm_p_value", "Sequential sample-ratio-mismatch p-value.", ["experiment"])
+EXPERIMENT_SRM_FLAG = Gauge("abstream_experiment_srm_flag", "1 while the experiment's sample ratio mismatches.", ["experiment"])
+EXPERIMENT_VERDICT = Gauge("abstream_experiment_verdict", "1 for the experiment's current verdict, 0 for the others.", ["experiment", "verdict"])
+EXPERIMENT_OUTCOMES = Gauge("abstream_experiment_outcomes", "Outcomes of the experiment by fate (attributed, late, ...).", ["experiment", "fate"])
+EXPERIMENT_INCONSISTENCIES = Gauge(
+    "abstream_experiment_assignment_inconsistencies", "Assignments or predictions naming another variant than the unit's.", ["experiment"]
+)
+_VERDICTS = ("continue", "ship", "stop_harm", "inconclusive")
+
+
+def observe_decision(record: dict) -> None:
+    """Set the experiment gauges from a Decision record (labels: experiments and variants only)."""
+    experiment = record["experiment_id"]
+    for v in record["variants"]:
+        EXPERIMENT_UNITS.labels(experiment, v["variant"]).set(v["units"])
+    for c in record["comparisons"]:
+        if c["primary"] and c["lift"] is not None:
+            EXPERIMENT_LIFT.labels(experiment, c["variant"]).set(c["lift"])
+            EXPERIMENT_LIFT_LOW.labels(experiment, c["variant"]).set(c["ci_low"])
+            EXPERIMENT_LIFT_HIGH.labels(experiment, c["variant"]).set(c["ci_high"])
+            EXPERIMENT_P_VALUE.labels(experiment, c["variant"]).set(c["p_value"])
+    if record["srm_p_value"] is not None:
+        EXPERIMENT_SRM_P_VALUE.labels(experiment).set(record["srm_p_value"])
+    EXPERIMENT_SRM_FLAG.labels(experiment).set(1 if record["srm_flag"] else 0)
+    for verdict in _VERDICTS:
+        EXPERIMENT_VERDICT.labels(experiment, verdict).set(1 if record["verdict"] == verdict else 0)
+    for fate, count in record["outcome_fates"].items():
+        EXPERIMENT_OUTCOMES.labels(experiment, fate).set(count)
+    EXPERIMENT_INCONSISTENCIES.labels(experiment).set(record["assignment_inconsistencies"])

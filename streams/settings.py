@@ -41,7 +41,7 @@ class Settings:
     web_port: int = 6066
     batch_max_events: int = 2000
     batch_within_s: float = 0.2
-    dedup_window_s: float = 3600.0
+    decision_interval_s: float = 1.0
     broker_session_timeout_s: float = 30.0
 
     @classmethod
@@ -63,7 +63,7 @@ class Settings:
             web_port=_int(env, "ABSTREAM_WEB_PORT", cls.web_port),
             batch_max_events=_int(env, "ABSTREAM_BATCH_MAX_EVENTS", cls.batch_max_events),
             batch_within_s=_float(env, "ABSTREAM_BATCH_WITHIN_S", cls.batch_within_s),
-            dedup_window_s=_float(env, "ABSTREAM_DEDUP_WINDOW_S", cls.dedup_window_s),
+            decision_interval_s=_float(env, "ABSTREAM_DECISION_INTERVAL_S", cls.decision_interval_s),
             broker_session_timeout_s=_float(
                 env, "ABSTREAM_BROKER_SESSION_TIMEOUT_S", cls.broker_session_timeout_s
             ),
@@ -112,7 +112,7 @@ class Settings:
             "ABSTREAM_WEB_PORT": str(self.web_port),
             "ABSTREAM_BATCH_MAX_EVENTS": str(self.batch_max_events),
             "ABSTREAM_BATCH_WITHIN_S": str(self.batch_within_s),
-            "ABSTREAM_DEDUP_WINDOW_S": str(self.dedup_window_s),
+            "ABSTREAM_DECISION_INTERVAL_S": str(self.decision_interval_s),
             "ABSTREAM_BROKER_SESSION_TIMEOUT_S": str(self.broker_session_timeout_s),
         }
         by_key = {key: var for var, key in _KAFKA_PASSTHROUGH.items()}

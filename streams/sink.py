@@ -1,8 +1,10 @@
-"""The ClickHouse sink role: every raw event exactly once, every dead letter with its bytes.
+"""The ClickHouse sink role: every raw event, dead letter and decision exactly once.
 
-The sink consumes the input topics in its own consumer group (``<prefix>sink``), so it
-neither slows nor depends on the stream agents. With a ``chdb://`` DSN exactly one process
-takes this role (chDB locks its directory).
+The sink consumes, in its own consumer group (``<prefix>sink``), the input topics (into the
+raw tables), the dead-letter topic (into ``deadletter``, so that the table holds exactly
+what the topic holds) and the decisions topic (into ``decisions``). Input messages that do
+not decode are skipped here: the stage-1 agent dead-letters them. With a ``chdb://`` DSN
+exactly one process takes this role (chDB locks its directory).
 
 Exactly once, how: consumption is at least once (offsets are committed only after a batch
 is in ClickHouse), and every write is idempotent. Before writing a batch the sink asks the
@@ -25,16 +27,18 @@ from typing import Sequence
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from streams import metrics
-from streams.codec import Codec, DeadLetter, EventKind
+from streams.codec import Codec, ControlKind, DeadLetter, EventKind
 from streams.settings import Settings
-from streams.topics import input_topic_names
-from streams.warehouse import DEADLETTER_COLUMNS, DEADLETTER_TABLE, RAW_TABLES, Warehouse, WarehouseError, event_columns
+from streams.topics import DEADLETTER, DECISIONS, input_topic_names
+from streams.warehouse import (DEADLETTER_COLUMNS, DEADLETTER_TABLE, DECISIONS_TABLE, RAW_TABLES, Warehouse,
+                               WarehouseError, event_columns)
 
 log = logging.getLogger("abstream.sink")
 
 
 class Sink:
-    """Consumes the raw topics and writes columnar batches to the warehouse until stopped."""
+    """Consumes the raw, dead-letter and decision topics and writes columnar batches to the
+    warehouse until stopped."""
 
     def __init__(self, settings: Settings, warehouse: Warehouse, codec: Codec, *, batch_max: int = 5000,
                  retry_max_s: float = 5.0):
@@ -44,6 +48,8 @@ class Sink:
         self.batch_max = batch_max
         self.retry_max_s = retry_max_s
         self._kinds = input_topic_names(settings)
+        self._deadletter_topic = settings.topic(DEADLETTER)
+        self._decisions_topic = settings.topic(DECISIONS)
         self._columns = {kind: event_columns(kind) for kind in EventKind}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -65,7 +71,7 @@ class Sink:
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
         }))
-        consumer.subscribe(sorted(self._kinds))
+        consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, self._decisions_topic])
         try:
             while not self._stop.is_set():
                 messages = consumer.consume(num_messages=self.batch_max, timeout=0.5)
@@ -98,26 +104,41 @@ class Sink:
                 delay_s = min(self.retry_max_s, delay_s * 2)
 
     def write(self, messages: Sequence[Message]) -> None:
-        """Decode a batch and write what the warehouse does not hold yet (idempotent)."""
+        """Write what the warehouse does not hold yet of a batch (idempotent)."""
         started = time.perf_counter()
         events: dict[EventKind, dict[tuple[str, str], dict]] = defaultdict(dict)
         valid: dict[EventKind, int] = defaultdict(int)
-        dead: dict[tuple[str, int], list[tuple[Message, DeadLetter]]] = defaultdict(list)
+        dead: dict[tuple[str, int], dict[int, tuple]] = defaultdict(dict)
+        decisions: dict[int, dict[int, dict]] = defaultdict(dict)
         for message in messages:
-            kind = self._kinds[message.topic()]
-            decoded = self.codec.decode(kind, message.value())
-            if isinstance(decoded, DeadLetter):
-                dead[(message.topic(), message.partition())].append((message, decoded))
+            topic = message.topic()
+            if topic == self._deadletter_topic:
+                row = _deadletter_row(message)
+                dead[(row[0], row[1])][row[2]] = row
+            elif topic == self._decisions_topic:
+                decoded = self.codec.decode(ControlKind.DECISION, message.value())
+                if isinstance(decoded, DeadLetter):
+                    log.warning("skipping an undecodable decision at offset %d: %s", message.offset(), decoded.detail)
+                else:
+                    decisions[message.partition()][message.offset()] = decoded
             else:
-                events[kind].setdefault((decoded["unit_id"], decoded["event_id"]), decoded)
-                valid[kind] += 1
+                kind = self._kinds[topic]
+                decoded = self.codec.decode(kind, message.value())
+                if not isinstance(decoded, DeadLetter):
+                    events[kind].setdefault((decoded["unit_id"], decoded["event_id"]), decoded)
+                    valid[kind] += 1
         written = 0
         for kind, by_key in events.items():
             fresh = self._write_events(kind, by_key)
             metrics.SINK_DUPLICATES.labels(RAW_TABLES[kind]).inc(valid[kind] - fresh)
             written += fresh
-        for (topic, partition), letters in dead.items():
-            written += self._write_deadletters(topic, partition, letters)
+        for (topic, partition), rows in dead.items():
+            written += self._write_new(DEADLETTER_TABLE, {"topic": topic, "partition": partition}, "offset",
+                                       rows, DEADLETTER_COLUMNS)
+        for partition, records in decisions.items():
+            rows = {offset: _decision_row(record, partition, offset) for offset, record in records.items()}
+            written += self._write_new(DECISIONS_TABLE, {"kafka_partition": partition}, "kafka_offset",
+                                       rows, DECISION_COLUMNS)
         metrics.SINK_BATCH_ROWS.observe(written)
         metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started)
 
@@ -131,20 +152,40 @@ class Sink:
             metrics.SINK_ROWS.labels(table).inc(len(fresh))
         return len(fresh)
 
-    def _write_deadletters(self, topic: str, partition: int, letters: list[tuple[Message, DeadLetter]]) -> int:
-        held = self.warehouse.existing_deadletters(topic, partition, (m.offset() for m, _ in letters))
-        fresh = [(m, d) for m, d in letters if m.offset() not in held]
-        metrics.SINK_DUPLICATES.labels(DEADLETTER_TABLE).inc(len(letters) - len(fresh))
+    def _write_new(self, table: str, where: dict, offset_column: str, rows: dict[int, tuple],
+                   columns: Sequence[str]) -> int:
+        """Write the rows (by offset) whose offsets the table does not hold yet."""
+        held = self.warehouse.existing_offsets(table, where, offset_column, rows)
+        fresh = [row for offset, row in rows.items() if offset not in held]
+        metrics.SINK_DUPLICATES.labels(table).inc(len(rows) - len(fresh))
         if fresh:
-            now_ms = int(time.time() * 1000)
-            rows = [
-                (topic, partition, m.offset(), d.reason.value, d.detail,
-                 None if m.key() is None else m.key().decode("utf-8", "replace"), m.value() or b"", now_ms)
-                for m, d in fresh
-            ]
-            self.warehouse.insert(DEADLETTER_TABLE, DEADLETTER_COLUMNS, list(map(list, zip(*rows))))
-            metrics.SINK_ROWS.labels(DEADLETTER_TABLE).inc(len(fresh))
+            self.warehouse.insert(table, columns, list(map(list, zip(*fresh))))
+            metrics.SINK_ROWS.labels(table).inc(len(fresh))
         return len(fresh)
+
+
+def _deadletter_row(message: Message) -> tuple:
+    """A deadletter table row from a dead-letter message: the source coordinates and reason
+    from its headers, the original key and bytes from its key and value."""
+    headers = {k: v.decode("utf-8", "replace") for k, v in (message.headers() or [])}
+    key = message.key()
+    return (headers.get("abstream.topic", ""), int(headers.get("abstream.partition", -1)),
+            int(headers.get("abstream.offset", -1)), headers.get("abstream.reason", ""),
+            headers.get("abstream.detail", ""), None if key is None else key.decode("utf-8", "replace"),
+            message.value() or b"", message.timestamp()[1])
+
+
+DECISION_COLUMNS = ("experiment_id", "config_version", "decision_time", "watermark_time", "runtime_s", "verdict",
+                    "verdict_variant", "reason", "method", "alpha", "variants", "comparisons", "statistics", "srm_p_value",
+                    "srm_flag", "outcome_fates", "assignment_inconsistencies", "kafka_partition", "kafka_offset")
+
+
+def _decision_row(record: dict, partition: int, offset: int) -> tuple:
+    row = {**record, "kafka_partition": partition, "kafka_offset": offset,
+           "variants": [tuple(v.values()) for v in record["variants"]],
+           "comparisons": [tuple(c.values()) for c in record["comparisons"]],
+           "statistics": [tuple(s.values()) for s in record["statistics"]]}
+    return tuple(row[c] for c in DECISION_COLUMNS)
 
 
 def _next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:

@@ -18,6 +18,16 @@ INPUT_TOPICS = {
     EventKind.OUTCOME: "outcomes",
 }
 DEADLETTER = "deadletter"
+PARTIALS = "partials"
+DECISIONS = "decisions"
+# Internal and output topics: (partitions from settings?, extra topic configs).
+_DERIVED_TOPICS = {
+    DEADLETTER: {},
+    # Stage 2 keeps the newest snapshot per source partition in its table; a day is plenty.
+    PARTIALS: {"retention.ms": str(24 * 3600 * 1000)},
+    # The newest decision per experiment is what `abstream status` reads; ClickHouse keeps history.
+    DECISIONS: {"cleanup.policy": "compact", "segment.ms": str(600 * 1000)},
+}
 
 
 class TopicError(RuntimeError):
@@ -41,16 +51,20 @@ def make_producer(settings: Settings, **extra: str) -> Producer:
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Create the input and dead-letter topics with ``settings.partitions`` partitions if missing;
-    refuse to run when an existing one has another partition count (co-partitioning)."""
+    """Create the input, dead-letter, partials and decisions topics with ``settings.partitions``
+    partitions if missing; refuse to run when an existing one has another partition count
+    (the input topics and the tables of the workers must be co-partitioned)."""
     admin = AdminClient(settings.kafka_config())
-    wanted = [settings.topic(name) for name in INPUT_TOPICS.values()] + [settings.topic(DEADLETTER)]
+    configs = {settings.topic(name): {} for name in INPUT_TOPICS.values()}
+    configs.update({settings.topic(name): config for name, config in _DERIVED_TOPICS.items()})
+    wanted = list(configs)
     deadline = time.monotonic() + timeout_s
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:
         raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
-    missing = [NewTopic(t, num_partitions=settings.partitions, replication_factor=-1) for t in wanted if t not in existing]
+    missing = [NewTopic(t, num_partitions=settings.partitions, replication_factor=-1, config=configs[t])
+               for t in wanted if t not in existing]
     if missing:
         for topic, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
             try:
@@ -83,3 +97,44 @@ def deadletter_headers(dead: DeadLetter, topic: str, partition: int, offset: int
         ("abstream.partition", str(partition).encode()),
         ("abstream.offset", str(offset).encode()),
     ]
+
+
+def read_latest(settings: Settings, topic: str, timeout_s: float = 10.0) -> dict[bytes, tuple[int, bytes | None]]:
+    """key -> (partition, value) of the newest record per key, reading the topic from its
+    beginning to the high watermarks seen at the start (a compacted topic's current state)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(settings.kafka_config(**{
+        "group.id": f"{settings.topic_prefix}reader",  # assign() only: never joins or commits
+        "enable.auto.commit": "false",
+        "enable.partition.eof": "true",
+    }))
+    latest: dict[bytes, tuple[int, bytes | None]] = {}
+    try:
+        try:
+            partitions = consumer.list_topics(topic, timeout=timeout_s).topics[topic].partitions
+            pending = {}
+            for p in partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+                if high > low:
+                    pending[p] = high
+        except KafkaException as exc:
+            raise TopicError(f"cannot read {topic}: {exc.args[0].str()}") from None
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TopicError(f"did not read {topic} to its end within {timeout_s:g} s")
+            message = consumer.poll(0.2)
+            if message is None:
+                continue
+            if message.error() is not None:
+                if message.error().code() == KafkaError._PARTITION_EOF:
+                    pending.pop(message.partition(), None)
+                continue
+            latest[message.key()] = (message.partition(), message.value())
+            if message.offset() + 1 >= pending.get(message.partition(), 0):
+                pending.pop(message.partition(), None)
+    finally:
+        consumer.close()
+    return latest

@@ -25,6 +25,7 @@ RAW_TABLES = {
 }
 DEADLETTER_TABLE = "deadletter"
 DEADLETTER_COLUMNS = ("topic", "partition", "offset", "reason", "detail", "key", "payload", "received_time")
+DECISIONS_TABLE = "decisions"
 
 
 def event_columns(kind: EventKind) -> tuple[str, ...]:
@@ -121,11 +122,14 @@ class Warehouse:
         ).rows
         return set(rows)
 
-    def existing_deadletters(self, topic: str, partition: int, offsets: Iterable[int]) -> set[int]:
+    def existing_offsets(self, table: str, where: Mapping[str, Any], offset_column: str,
+                         offsets: Iterable[int]) -> set[int]:
+        """Which of these offsets the table holds among the rows whose columns equal ``where``
+        (the Kafka partition, and for dead letters the source topic)."""
+        conditions = "".join(f"{column} = %({column})s AND " for column in where)
         rows = self.query(
-            "SELECT offset FROM {db}." + DEADLETTER_TABLE
-            + " WHERE topic = %(topic)s AND partition = %(partition)s AND offset IN %(offsets)s",
-            {"topic": topic, "partition": partition, "offsets": sorted(set(offsets))},
+            f"SELECT {offset_column} FROM {{db}}.{table} WHERE {conditions}{offset_column} IN %(offsets)s",
+            {**where, "offsets": sorted(set(offsets))},
         ).rows
         return {row[0] for row in rows}
 

@@ -1,11 +1,17 @@
-"""The abstream worker: a faust-streaming app whose stage-1 agent reads the input topics.
+"""The abstream worker: a faust-streaming app running both stages of the pipeline.
 
-Stage 1 (this skeleton): take a batch, decode and validate it, send what is bad to the
-dead-letter topic with its reason and original bytes, and drop duplicates by (unit_id,
-event_id). A worker started with ``--sink`` also runs the ClickHouse sink role
-(streams/sink.py) in a thread and serves read-only SQL on its loopback HTTP port.
+- stage 1 (agent ``stage1`` on the input topics): streams/stage1.py folds each batch into
+  the changelogged ``units`` table and the partition's partials;
+- partials are published to ``<prefix>partials`` (keyed by experiment) on a cadence;
+- stage 2 (agent ``stage2`` on the partials topic): keeps the newest partial per source
+  partition in the changelogged ``experiments`` table, and a timer evaluates changed
+  experiments and publishes Decision events to ``<prefix>decisions``.
 
-Agent concurrency stays 1: faust-streaming loses messages with concurrency > 1.
+A worker started with ``--sink`` also runs the ClickHouse sink role (streams/sink.py) in a
+thread and serves read-only SQL on its loopback HTTP port.
+
+Agent concurrency stays 1: faust-streaming loses messages with concurrency > 1. Tables are
+written once per touched key per batch, through :func:`write_table`.
 """
 from __future__ import annotations
 
@@ -13,93 +19,39 @@ import ipaddress
 import json
 import logging
 import os
-from collections import OrderedDict
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
-from streams.codec import Codec, DeadLetter, schema_source
+from streams.codec import Codec, ControlKind, schema_source
+from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.sink import Sink
-from streams.topics import DEADLETTER, deadletter_headers, input_topic_names
+from streams.stage1 import Stage1
+from streams.stage2 import decision_record, evaluate, merged_partial, with_partial
+from streams.topics import DECISIONS, DEADLETTER, PARTIALS, deadletter_headers, input_topic_names
 from streams.warehouse import Warehouse, WarehouseError
 
 log = logging.getLogger("abstream.worker")
 
 
-class DedupWindow:
-    """Identities (unit_id, event_id) seen in one partition within ``window_s`` of event time.
+def write_table(table: faust.Table, partition: int, key: Any, value: Any) -> None:
+    """Set a table key and send its changelog record to ``partition``.
 
-    Bounded by the event rate times the window: entries expire once the partition's
-    watermark (its highest event time) has moved ``window_s`` past them.
+    Faust's ``table[key] = value`` takes the changelog partition from the stream's current
+    event, which a batch taken with ``take_events`` does not have; the partition is known
+    here (it is the source partition of the events that changed the key), so it is passed
+    explicitly through the table's public ``send_changelog``.
     """
-
-    def __init__(self, window_s: float):
-        self.window_ms = int(window_s * 1000)
-        self.watermark_ms = 0
-        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
-
-    def first_time(self, unit_id: str, event_id: str, event_time_ms: int) -> bool:
-        key = (unit_id, event_id)
-        if key in self._seen:
-            return False
-        self._seen[key] = event_time_ms
-        if event_time_ms > self.watermark_ms:
-            self.watermark_ms = event_time_ms
-            horizon = self.watermark_ms - self.window_ms
-            seen = self._seen
-            while seen:
-                oldest = next(iter(seen.values()))
-                if oldest >= horizon:
-                    break
-                seen.popitem(last=False)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._seen)
+    table.data[key] = value
+    table.send_changelog(partition, key, value)
 
 
-class Stage1:
-    """Decode, dead-letter and deduplicate one batch of input messages."""
-
-    def __init__(self, settings: Settings, codec: Codec):
-        self.settings = settings
-        self.codec = codec
-        self.kinds = input_topic_names(settings)
-        self.short_names = {topic: topic[len(settings.topic_prefix):] for topic in self.kinds}
-        self.dedup: dict[int, DedupWindow] = {}
-
-    def forget_partitions(self, partitions: set[int]) -> None:
-        for partition in partitions:
-            self.dedup.pop(partition, None)
-
-    def process(self, messages: Sequence[faust.types.Message]) -> tuple[list[dict], list[tuple[faust.types.Message, DeadLetter]]]:
-        """(the batch's first-seen valid records, its dead letters with their messages)."""
-        fresh: list[dict] = []
-        dead: list[tuple[faust.types.Message, DeadLetter]] = []
-        for message in messages:
-            topic = message.topic
-            metrics.EVENTS_CONSUMED.labels(self.short_names[topic]).inc()
-            decoded = self.codec.decode(self.kinds[topic], message.value)
-            if isinstance(decoded, DeadLetter):
-                dead.append((message, decoded))
-                metrics.DEADLETTERS.labels(self.short_names[topic], decoded.reason.value).inc()
-                continue
-            window = self.dedup.get(message.partition)
-            if window is None:
-                window = self.dedup[message.partition] = DedupWindow(self.settings.dedup_window_s)
-            if window.first_time(decoded["unit_id"], decoded["event_id"], decoded["event_time"]):
-                fresh.append(decoded)
-            else:
-                metrics.EVENTS_DUPLICATE.labels(self.short_names[topic]).inc()
-        metrics.BATCH_EVENTS.observe(len(messages))
-        return fresh, dead
-
-
-def create_app(settings: Settings, *, warehouse: Warehouse | None = None) -> faust.App:
+def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehouse: Warehouse | None = None) -> faust.App:
     """The Faust app of a worker; ``warehouse`` is set when this worker holds the sink role."""
     app = faust.App(
         f"{settings.topic_prefix}worker",
@@ -107,6 +59,7 @@ def create_app(settings: Settings, *, warehouse: Warehouse | None = None) -> fau
         store="memory://",
         autodiscover=False,
         topic_partitions=settings.partitions,
+        table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_s / 3),
@@ -115,19 +68,67 @@ def create_app(settings: Settings, *, warehouse: Warehouse | None = None) -> fau
         web_port=settings.web_port,
         datadir=str(settings.home / "faust"),
     )
+    codec = Codec(schema_source(settings.schema_registry_url))
     inputs = app.topic(*input_topic_names(settings), key_serializer="raw", value_serializer="raw")
     deadletters = app.topic(settings.topic(DEADLETTER), key_serializer="raw", value_serializer="raw")
-    stage1 = Stage1(settings, Codec(schema_source(settings.schema_registry_url)))
+    partials_topic = app.topic(settings.topic(PARTIALS), key_serializer="raw", value_serializer="json",
+                               partitions=settings.partitions)
+    decisions_topic = app.topic(settings.topic(DECISIONS), key_serializer="raw", value_serializer="raw")
+    # Keys and values are JSON (Faust's default for tables without a type).
+    units = app.Table("units", default=None, partitions=settings.partitions)
+    experiment_partials = app.Table("experiments", default=None, partitions=settings.partitions)
+    stage1 = Stage1(settings, codec, experiments, read_unit=units.data.get, scan_units=lambda: list(units.data.items()))
+    changed_experiments: set[str] = set()
+    latest_decisions: dict[str, dict] = {}
+
+    async def publish_partials() -> None:
+        for partition, experiment_id, partial in stage1.take_dirty():
+            await partials_topic.send(key=experiment_id.encode(),
+                                      value={"source_partition": partition, "partial": partial.to_dict()})
 
     @app.agent(inputs, concurrency=1, name="stage1")
     async def stage1_agent(stream):
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
-            _, dead = stage1.process([event.message for event in events])
-            for message, letter in dead:
+            result = stage1.process([event.message for event in events])
+            for partition, key, value in result.unit_writes:
+                write_table(units, partition, key, value)
+            for message, letter in result.dead:
                 await deadletters.send(
                     key=message.key, value=message.value,
                     headers=deadletter_headers(letter, message.topic, message.partition, message.offset),
                 )
+
+    @app.agent(partials_topic, concurrency=1, name="stage2")
+    async def stage2_agent(stream):
+        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+            # Per experiment, the newest partial of each source partition in this batch.
+            newest: dict[str, dict[int, dict]] = {}
+            table_partition: dict[str, int] = {}
+            for event in events:
+                experiment_id = event.message.key.decode()
+                newest.setdefault(experiment_id, {})[event.value["source_partition"]] = event.value["partial"]
+                table_partition[experiment_id] = event.message.partition
+            for experiment_id, by_source in newest.items():
+                stored = experiment_partials.data.get(experiment_id)
+                for source, partial in by_source.items():
+                    stored = with_partial(stored, source, partial)
+                write_table(experiment_partials, table_partition[experiment_id], experiment_id, stored)
+                changed_experiments.add(experiment_id)
+
+    @app.timer(interval=settings.decision_interval_s)
+    async def cadence():
+        await publish_partials()
+        for experiment_id in sorted(changed_experiments):
+            changed_experiments.discard(experiment_id)
+            config = experiments.get(experiment_id)
+            stored = experiment_partials.data.get(experiment_id)
+            if config is None or stored is None:
+                continue
+            partial = merged_partial(stored)
+            record = decision_record(config, evaluate(config, partial), partial, int(time.time() * 1000))
+            latest_decisions[experiment_id] = record
+            metrics.observe_decision(record)
+            await decisions_topic.send(key=experiment_id.encode(), value=codec.encode(ControlKind.DECISION, record))
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
@@ -140,6 +141,15 @@ def create_app(settings: Settings, *, warehouse: Warehouse | None = None) -> fau
     @app.page("/health")
     async def health_page(web, request):
         return web.json({"status": "ok", "sink": warehouse is not None})
+
+    @app.page("/experiments/{experiment_id}")
+    async def experiment_page(web, request, experiment_id: str):
+        # Served by the worker that evaluates the experiment; `abstream status` reads the
+        # decisions topic and works from anywhere.
+        record = latest_decisions.get(experiment_id)
+        if record is None:
+            return web.json({"error": "this worker has no decision for that experiment"}, status=404)
+        return web.json(record)
 
     @app.page("/sql")
     async def sql_page(web, request):
@@ -171,6 +181,10 @@ def run_worker(settings: Settings, *, sink: bool, loglevel: str = "warning") -> 
     from streams.topics import ensure_topics
 
     ensure_topics(settings)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    experiments = ExperimentCatalogue(settings)
+    experiments.start()
+    experiments.wait_until_caught_up(timeout_s=30)
     warehouse = None
     sink_role = None
     endpoint = sink_endpoint_file(settings)
@@ -178,13 +192,13 @@ def run_worker(settings: Settings, *, sink: bool, loglevel: str = "warning") -> 
         warehouse = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database)
         sink_role = Sink(settings, warehouse, Codec(schema_source(settings.schema_registry_url)))
         sink_role.start()
-        settings.home.mkdir(parents=True, exist_ok=True)
         endpoint.write_text(json.dumps({"pid": os.getpid(), "url": f"http://{settings.web_host}:{settings.web_port}"}))
-    app = create_app(settings, warehouse=warehouse)
+    app = create_app(settings, experiments, warehouse=warehouse)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
+        experiments.stop()
         if sink_role is not None:
             sink_role.stop()
             endpoint.unlink(missing_ok=True)

@@ -3,22 +3,13 @@ topic prefix, home folder and ClickHouse database, so that tests never see each 
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
-import uuid
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from streams import local_kafka
 from streams.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import free_port, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -47,18 +38,7 @@ def session_chdb_dsn(tmp_path_factory) -> str:
 @pytest.fixture
 def settings(kafka_broker, tmp_path, session_chdb_dsn) -> Settings:
     """Settings of one test: its own topic prefix, home, database and web port."""
-    tag = uuid.uuid4().hex[:10]
-    return replace(
-        Settings.from_env({}),
-        home=tmp_path / "home",
-        kafka_bootstrap=kafka_broker,
-        topic_prefix=f"t{tag}.",
-        clickhouse_dsn=session_chdb_dsn,
-        clickhouse_database=f"t{tag}",
-        web_port=free_port(),
-        broker_session_timeout_s=6.0,
-        batch_within_s=0.1,
-    )
+    return make_settings(kafka_broker, tmp_path, session_chdb_dsn)
 
 
 @pytest.fixture

@@ -1,0 +1,150 @@
+"""Partial statistics: the sums of one partition's units for one experiment.
+
+A partial is a sum of unit contributions, so partials of different partitions add up to
+the experiment's statistics exactly, whatever the number of workers. Stage 1 keeps one per
+(partition, experiment) and publishes it whole (a cumulative snapshot, so a repeated or
+replayed snapshot changes nothing); stage 2 keeps the newest of every partition and merges.
+
+The sums are floats. Adding and later subtracting the same contribution is exact for
+integer-valued metrics (counts, conversions, amounts in minor units) below 2**53; for other
+values equality with a recomputation holds to rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Protocol
+
+from analysis.stats import MeanStats, ProportionStats, RatioStats
+from streams.units import UnitState
+
+
+class MetricSpec(Protocol):
+    name: str
+    kind: Enum | str
+    numerator: str | None
+    denominator: str | None
+
+
+def metric_kind(metric: MetricSpec) -> str:
+    return metric.kind.value if isinstance(metric.kind, Enum) else metric.kind
+
+
+def outcome_names(metrics: Iterable[MetricSpec]) -> frozenset[str]:
+    """The outcome metrics a unit must total to compute these experiment metrics."""
+    names: set[str] = set()
+    for m in metrics:
+        names.update((m.numerator, m.denominator) if metric_kind(m) == "ratio" else (m.name,))
+    return frozenset(names)
+
+
+def contribution(metric: MetricSpec, totals: dict[str, float]) -> tuple[float, ...]:
+    """A unit's terms in the metric's sufficient statistics (see analysis.stats)."""
+    kind = metric_kind(metric)
+    if kind == "binary":
+        return (1.0 if totals.get(metric.name, 0.0) > 0 else 0.0,)
+    if kind == "continuous":
+        x = totals.get(metric.name, 0.0)
+        return (x, x * x)
+    x, y = totals.get(metric.numerator, 0.0), totals.get(metric.denominator, 0.0)
+    return (x, x * x, y, y * y, x * y)
+
+
+@dataclass
+class VariantPartial:
+    units: int = 0
+    sums: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class Partial:
+    """Sums of one partition's units for one experiment; mutable inside stage 1 only."""
+
+    variants: dict[str, VariantPartial] = field(default_factory=dict)
+    fates: dict[str, int] = field(default_factory=dict)
+    inconsistencies: int = 0
+    watermark_ms: int = 0
+    first_exposure_ms: int | None = None
+
+    def add_unit(self, state: UnitState, metrics: Iterable[MetricSpec], sign: int = 1) -> None:
+        """Add (sign=1) or take away (sign=-1) one unit's contribution.
+
+        The event-time bounds only grow (a unit's exposure never moves and its last event
+        time only increases), so adding a unit widens them and taking one away leaves them."""
+        if sign > 0:
+            self.watermark_ms = max(self.watermark_ms, state.last_ms)
+            if state.exposed_ms is not None:
+                self.first_exposure_ms = min(self.first_exposure_ms or state.exposed_ms, state.exposed_ms)
+        for fate, count in state.fates.items():
+            self.fates[fate] = self.fates.get(fate, 0) + sign * count
+        self.inconsistencies += sign * state.inconsistencies
+        if state.variant is None:
+            return
+        arm = self.variants.setdefault(state.variant, VariantPartial())
+        arm.units += sign
+        for metric in metrics:
+            terms = contribution(metric, state.totals)
+            sums = arm.sums.setdefault(metric.name, [0.0] * len(terms))
+            for i, term in enumerate(terms):
+                sums[i] += sign * term
+
+    def merge(self, other: "Partial") -> "Partial":
+        merged = Partial.from_dict(self.to_dict())
+        for name, arm in other.variants.items():
+            mine = merged.variants.setdefault(name, VariantPartial())
+            mine.units += arm.units
+            for metric, sums in arm.sums.items():
+                mine.sums[metric] = [a + b for a, b in zip(mine.sums.get(metric, [0.0] * len(sums)), sums)]
+        for fate, count in other.fates.items():
+            merged.fates[fate] = merged.fates.get(fate, 0) + count
+        merged.inconsistencies += other.inconsistencies
+        merged.watermark_ms = max(merged.watermark_ms, other.watermark_ms)
+        if other.first_exposure_ms is not None:
+            merged.first_exposure_ms = min(merged.first_exposure_ms or other.first_exposure_ms, other.first_exposure_ms)
+        return merged
+
+    @property
+    def runtime_s(self) -> float:
+        """Event time from the first exposure to the newest event."""
+        if self.first_exposure_ms is None:
+            return 0.0
+        return max(0.0, (self.watermark_ms - self.first_exposure_ms) / 1000)
+
+    def stats(self, metric: MetricSpec) -> dict[str, ProportionStats | MeanStats | RatioStats]:
+        """The metric's sufficient statistics per variant."""
+        kind = metric_kind(metric)
+        result = {}
+        for name, arm in self.variants.items():
+            sums = arm.sums.get(metric.name) or [0.0] * {"binary": 1, "continuous": 2}.get(kind, 5)
+            if kind == "binary":
+                result[name] = ProportionStats(arm.units, int(sums[0]))
+            elif kind == "continuous":
+                result[name] = MeanStats(arm.units, sums[0], sums[1])
+            else:
+                result[name] = RatioStats(arm.units, *sums)
+        return result
+
+    def exposures(self) -> dict[str, int]:
+        return {name: arm.units for name, arm in self.variants.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "variants": {name: {"units": a.units, "sums": {m: list(s) for m, s in a.sums.items()}}
+                         for name, a in self.variants.items()},
+            "fates": dict(self.fates), "inconsistencies": self.inconsistencies, "watermark_ms": self.watermark_ms,
+            "first_exposure_ms": self.first_exposure_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Partial":
+        return cls(
+            {name: VariantPartial(a["units"], {m: list(s) for m, s in a["sums"].items()}) for name, a in d["variants"].items()},
+            dict(d["fates"]), d["inconsistencies"], d["watermark_ms"], d["first_exposure_ms"],
+        )
+
+
+def merge_all(partials: Iterable[Partial]) -> Partial:
+    total = Partial()
+    for p in partials:
+        total = total.merge(p)
+    return total

@@ -1,0 +1,161 @@
+"""Stage 1, per partition: decode, dead-letter, fold events into unit state and partials.
+
+Input topics are keyed by unit_id and co-partitioned, so a unit's exposure and its later
+outcomes meet here, in one partition of one worker. A batch is folded in one pass:
+
+1. decode and validate every message; bad ones become dead letters, and so do events for
+   an experiment no worker knows (after one refresh of the experiment catalogue);
+2. group the valid events by unit state key (partition, experiment, unit), in order;
+3. for each touched unit: take its contribution away from the partition's partial, apply
+   its events (duplicates recognised by the ids in the state), add the contribution back;
+4. hand back each touched unit state once, to be written to the changelogged table.
+
+Nothing here does I/O: the Faust agent in streams/worker.py does the reading and writing.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from streams import metrics
+from streams.codec import Codec, DeadLetter, DeadLetterReason, EventKind
+from streams.partials import Partial, outcome_names
+from streams.settings import Settings
+from streams.topics import INPUT_TOPICS, input_topic_names
+from streams.units import UnitState
+
+KEY_SEPARATOR = "\x1f"
+_KIND_TAG = {EventKind.ASSIGNMENT: "a", EventKind.PREDICTION: "p", EventKind.SHADOW: "s", EventKind.OUTCOME: "o"}
+
+
+class InputMessage(Protocol):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class ExperimentLookup(Protocol):
+    def get(self, experiment_id: str) -> Any: ...
+    def refresh(self, timeout_s: float = ...) -> None: ...
+
+
+def unit_key(partition: int, experiment_id: str, unit_id: str) -> str:
+    # The partition leads the key so that a partition's units can be found after a rebalance.
+    return f"{partition}{KEY_SEPARATOR}{experiment_id}{KEY_SEPARATOR}{unit_id}"
+
+
+def split_unit_key(key: str) -> tuple[int, str, str]:
+    partition, experiment_id, unit_id = key.split(KEY_SEPARATOR, 2)
+    return int(partition), experiment_id, unit_id
+
+
+@dataclass
+class BatchResult:
+    dead: list[tuple[InputMessage, DeadLetter]] = field(default_factory=list)
+    unit_writes: list[tuple[int, str, dict]] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
+
+
+class Stage1:
+    """The stage-1 fold of one worker: unit states are read through ``read_unit``."""
+
+    def __init__(self, settings: Settings, codec: Codec, experiments: ExperimentLookup,
+                 read_unit: Callable[[str], dict | None], scan_units: Callable[[], Iterable[tuple[str, dict]]]):
+        self.codec = codec
+        self.experiments = experiments
+        self.read_unit = read_unit
+        self.scan_units = scan_units
+        self.kinds = input_topic_names(settings)
+        self.short_names = {topic: topic[len(settings.topic_prefix):] for topic in self.kinds}
+        self.partials: dict[int, dict[str, Partial]] = {}
+        self.dirty: set[tuple[int, str]] = set()
+
+    def forget_partitions(self, partitions: Iterable[int]) -> None:
+        """Drop partials of partitions this worker no longer owns (they are rebuilt from the
+        unit table if the partition comes back)."""
+        for partition in partitions:
+            self.partials.pop(partition, None)
+            self.dirty = {(p, e) for p, e in self.dirty if p != partition}
+
+    def _partials_of(self, partition: int) -> dict[str, Partial]:
+        partials = self.partials.get(partition)
+        if partials is None:
+            # First batch of this partition since it was assigned: rebuild its partials
+            # from the recovered unit states, so that they hold every unit, not the new ones.
+            partials = self.partials[partition] = {}
+            for key, stored in self.scan_units():
+                p, experiment_id, _ = split_unit_key(key)
+                config = self.experiments.get(experiment_id) if p == partition else None
+                if config is not None:
+                    partials.setdefault(experiment_id, Partial()).add_unit(UnitState.from_dict(stored), config.metrics)
+        return partials
+
+    def process(self, messages: Sequence[InputMessage]) -> BatchResult:
+        result = BatchResult()
+        by_unit: dict[str, list[tuple[EventKind, dict]]] = defaultdict(list)
+        refreshed = False
+        for message in messages:
+            topic = self.short_names[message.topic]
+            metrics.EVENTS_CONSUMED.labels(topic).inc()
+            kind = self.kinds[message.topic]
+            decoded = self.codec.decode(kind, message.value)
+            if not isinstance(decoded, DeadLetter):
+                config = self.experiments.get(decoded["experiment_id"])
+                if config is None and not refreshed:
+                    self.experiments.refresh()
+                    refreshed = True
+                    config = self.experiments.get(decoded["experiment_id"])
+                if config is None:
+                    decoded = DeadLetter(DeadLetterReason.UNKNOWN_EXPERIMENT,
+                                         f"experiment {decoded['experiment_id'][:80]!r} is not defined")
+                elif config.status.value in ("draft", "stopped"):
+                    reason = f"experiment_{config.status.value}"
+                    result.ignored[reason] = result.ignored.get(reason, 0) + 1
+                    metrics.EVENTS_IGNORED.labels(topic, reason).inc()
+                    continue
+            if isinstance(decoded, DeadLetter):
+                result.dead.append((message, decoded))
+                metrics.DEADLETTERS.labels(topic, decoded.reason.value).inc()
+                continue
+            by_unit[unit_key(message.partition, decoded["experiment_id"], decoded["unit_id"])].append((kind, decoded))
+        metrics.BATCH_EVENTS.observe(len(messages))
+
+        for key, events in by_unit.items():
+            partition, experiment_id, _ = split_unit_key(key)
+            config = self.experiments.get(experiment_id)
+            partial = self._partials_of(partition).setdefault(experiment_id, Partial())
+            stored = self.read_unit(key)
+            state = UnitState() if stored is None else UnitState.from_dict(stored)
+            partial.add_unit(state, config.metrics, sign=-1)
+            changed = self._apply(state, events, config)
+            partial.add_unit(state, config.metrics, sign=+1)
+            if changed:
+                result.unit_writes.append((partition, key, state.to_dict()))
+                self.dirty.add((partition, experiment_id))
+        return result
+
+    def _apply(self, state: UnitState, events: list[tuple[EventKind, dict]], config: Any) -> bool:
+        window_ms = int(config.attribution_window_s * 1000)
+        tracked = outcome_names(config.metrics)
+        changed = False
+        for kind, event in events:
+            if not state.first_time(_KIND_TAG[kind] + event["event_id"], event["event_time"]):
+                metrics.EVENTS_DUPLICATE.labels(INPUT_TOPICS[kind]).inc()
+                continue
+            changed = True
+            if kind is EventKind.ASSIGNMENT:
+                state.expose(event["variant"], event["event_time"], window_ms, tracked)
+            elif kind is EventKind.PREDICTION:
+                state.predicted(event["variant"])
+            elif kind is EventKind.OUTCOME:
+                state.outcome(event["metric"], event["event_time"], event["value"], window_ms, tracked)
+        return changed
+
+    def take_dirty(self) -> list[tuple[int, str, Partial]]:
+        """The partials changed since the last call, to be published."""
+        dirty, self.dirty = self.dirty, set()
+        return [(p, e, self.partials[p][e]) for p, e in sorted(dirty) if p in self.partials]
+
