@@ -390,7 +390,7 @@ class _Fields:
         return value
 
     def string(self, key: str, default: Any = _MISSING, *, pattern: re.Pattern | None = None,
-               optional: bool = False) -> str | None:
+               optional: bool = False, max_chars: int = MAX_NAME_CHARS) -> str | None:
         value = self.raw(key, None if optional else default)
         if value is None:
             return None
@@ -399,8 +399,8 @@ class _Fields:
             raise ConfigError(f"{self.at(key)}: must be a string, got {_show(value)}{hint}")
         if pattern is not None and not pattern.fullmatch(value):
             raise ConfigError(f"{self.at(key)}: must be 1-64 characters of A-Z a-z 0-9 . _ -, got {_show(value)}")
-        if len(value) > MAX_NAME_CHARS:
-            raise ConfigError(f"{self.at(key)}: must be at most {MAX_NAME_CHARS} characters")
+        if len(value) > max_chars:
+            raise ConfigError(f"{self.at(key)}: must be at most {max_chars} characters, got {len(value)}")
         return value
 
     def name(self, key: str, default: Any = _MISSING, *, optional: bool = False) -> str | None:
@@ -539,7 +539,7 @@ def _parse_config(mapping: Mapping[str, Any], now_ms: int) -> ExperimentConfig:
         updated_time_ms=now_ms,
         status=ExperimentStatus.DRAFT,
         started_time_ms=None,
-        description=top.string("description", ""),
+        description=top.string("description", "", max_chars=4096),
         unit=top.name("unit", "user"),
         salt=top.string("salt", ""),
         variants=variants,
