@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 import urllib.parse
 import urllib.request
@@ -15,12 +16,15 @@ from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.codec import EventKind
+from streams.codec import Codec
+from streams.experiments import load_config_file, publish_config, start, stop
 from streams.processes import start_worker, stop_worker, wait_healthy
-from streams.simulate import publish, simulated_messages
+from streams.simulate import SimulatedMessage, publish, simulate_records, simulated_messages
 from streams.topics import DEADLETTER, ensure_topics
 from streams.warehouse import RAW_TABLES, event_columns
 
 pytestmark = pytest.mark.kafka
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "experiments"
 
 
 def sql(settings, query: str) -> list[list]:
@@ -75,24 +79,36 @@ SELECT_AS_AVRO = {
 def test_ten_thousand_events_reach_clickhouse_exactly_once(worker_settings, tmp_path):
     settings = worker_settings
     ensure_topics(settings)
-    messages = simulated_messages(10_000, duplicates=200, malformed=50, n_units=800, seed=7)
+    for example in ("ranker-conversion.yaml", "checkout-revenue.yaml"):  # the experiments of the simulated traffic
+        publish_config(settings, start(load_config_file(EXAMPLES / example)))
+    # Valid events of an experiment nobody defined (dead letters) and of a stopped one (ignored, counted).
+    stopped = load_config_file(EXAMPLES / "ranker-conversion.yaml")
+    stopped = replace(stopped, experiment_id="exp-retired")
+    publish_config(settings, stop(start(stopped)))
+    strays = [replace(m, record={**m.record, "experiment_id": experiment, "event_id": f"{experiment}-{m.record['event_id']}"})
+              for experiment, batch in (("exp-ghost", simulate_records(30, seed=8)), ("exp-retired", simulate_records(20, seed=9)))
+              for m in [SimulatedMessage(k, r["unit_id"].encode(), b"", r) for k, r in batch]]
+    codec = Codec()
+    strays = [replace(m, value=codec.encode(m.kind, m.record)) for m in strays]
+    messages = simulated_messages(10_000, duplicates=200, malformed=50, n_units=800, seed=7) + strays
     distinct = {(m.kind, m.record["unit_id"], m.record["event_id"]): m.record for m in messages if m.record is not None}
     malformed = [m for m in messages if m.record is None]
-    assert len(distinct) == 9_750 and len(malformed) == 50
+    unknown = [m for m in strays if m.record["experiment_id"] == "exp-ghost"]
+    assert len(distinct) == 9_800 and len(malformed) == 50 and len(unknown) == 30
 
     worker = start_worker(settings, sink=True, log_path=tmp_path / "worker.log")
     try:
         wait_healthy(settings, worker)
-        assert publish(settings, messages) == 10_000
+        assert publish(settings, messages) == 10_050
 
         def landed():
             rows = sql(settings, " UNION ALL ".join(
                 f"SELECT '{t}', count() FROM {{db}}.{t}" for t in [*RAW_TABLES.values(), "deadletter"]))
             counts = {name: int(n) for name, n in rows}
-            return counts if sum(counts.values()) >= 9_800 else None
+            return counts if sum(counts.values()) >= 9_880 else None
 
         counts = wait_for(landed, 120, "ClickHouse to hold every event")
-        wait_for(lambda: total(scrape(settings), "abstream_events_consumed_total") >= 10_000, 60, "the agent to consume all")
+        wait_for(lambda: total(scrape(settings), "abstream_events_consumed_total") >= 10_050, 60, "the agent to consume all")
         time.sleep(2)  # anything beyond the expected counts would have had time to land too
 
         for kind, table in RAW_TABLES.items():
@@ -105,28 +121,31 @@ def test_ten_thousand_events_reach_clickhouse_exactly_once(worker_settings, tmp_
                 for row in sql(settings, f"SELECT {SELECT_AS_AVRO[kind]} FROM {{db}}.{table}")
             )
             assert got == expected, f"{table} differs from the published events"
-        assert counts["deadletter"] == 50
+        assert counts["deadletter"] == 80
 
+        # The deadletter table mirrors the dead-letter topic: the malformed and the unknown experiment's.
         dead_rows = sql(settings, "SELECT reason, hex(payload) FROM {db}.deadletter")
-        assert sorted(bytes.fromhex(h) for _, h in dead_rows) == sorted(m.value for m in malformed)
-        assert all(reason for reason, _ in dead_rows)
+        assert sorted(bytes.fromhex(h) for _, h in dead_rows) == sorted(m.value for m in malformed + unknown)
+        assert sorted(r for r, _ in dead_rows if r == "unknown_experiment") == ["unknown_experiment"] * 30
 
-        letters = read_topic(settings, settings.topic(DEADLETTER), 50)
-        assert len(letters) == 50
-        assert sorted(m.value() for m in letters) == sorted(m.value for m in malformed)
+        letters = read_topic(settings, settings.topic(DEADLETTER), 80)
+        assert len(letters) == 80
+        assert sorted(m.value() for m in letters) == sorted(m.value for m in malformed + unknown)
         for letter in letters:
             headers = dict(letter.headers())
             assert headers["abstream.reason"].decode() in {
-                "not_wire_format", "unknown_schema", "bad_avro", "invalid_field", "wrong_kind"}
+                "not_wire_format", "unknown_schema", "bad_avro", "invalid_field", "wrong_kind", "unknown_experiment"}
             assert headers["abstream.detail"] and headers["abstream.topic"].decode().startswith(settings.topic_prefix)
 
         samples = scrape(settings)
-        assert total(samples, "abstream_events_consumed_total") == 10_000
+        assert total(samples, "abstream_events_consumed_total") == 10_050
         assert total(samples, "abstream_events_duplicate_total") == 200
-        assert total(samples, "abstream_deadletters_total") == 50
+        assert total(samples, "abstream_deadletters_total") == 80
+        assert total(samples, "abstream_deadletters_total", reason="unknown_experiment") == 30
+        assert total(samples, "abstream_events_ignored_total", reason="experiment_stopped") == 20
         for table in RAW_TABLES.values():
             assert total(samples, "abstream_sink_rows_total", table=table) == counts[table]
-        assert total(samples, "abstream_sink_rows_total", table="deadletter") == 50
+        assert total(samples, "abstream_sink_rows_total", table="deadletter") == 80
         assert total(samples, "abstream_sink_duplicates_total") == 200
 
         # A reader in another process reaches the embedded ClickHouse through the worker.
