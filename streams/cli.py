@@ -148,6 +148,43 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from streams.decisions import latest_decisions
+
+    decision = latest_decisions(Settings.from_env()).get(args.experiment_id)
+    if decision is None:
+        raise CommandError(f"no decision for experiment {args.experiment_id!r} yet "
+                           "(is it defined and running, and is a worker up?)")
+    if args.json:
+        print(json.dumps(decision, indent=2))
+        return EXIT_OK
+    print(render_decision(decision))
+    return EXIT_OK
+
+
+def render_decision(d: dict) -> str:
+    """A decision for people: verdict, traffic, and every comparison with its interval."""
+    verdict = d["verdict"].replace("_", ": ", 1) if d["verdict"] == "stop_harm" else d["verdict"]
+    if d["verdict_variant"]:
+        verdict += f" {d['verdict_variant']}"
+    lines = [f"{d['experiment_id']} (config v{d['config_version']}): {verdict}", f"  {d['reason']}",
+             "  units: " + ", ".join(f"{v['variant']} {v['units']} ({v['weight']:.0%} planned)" for v in d["variants"]),
+             f"  sample ratio: sequential p = {_fmt(d['srm_p_value'], '.3g')}" + ("  MISMATCH" if d["srm_flag"] else ""),
+             "  outcomes: " + (", ".join(f"{k} {v}" for k, v in sorted(d["outcome_fates"].items())) or "none yet")
+             + f"; assignment inconsistencies {d['assignment_inconsistencies']}"]
+    for c in d["comparisons"]:
+        role = "primary" if c["primary"] else "secondary"
+        interval = f"[{_fmt(c['ci_low'], '+.2%')}, {_fmt(c['ci_high'], '+.2%')}]"
+        p = _fmt(c["adjusted_p_value"] if not c["primary"] else c["p_value"], ".3g")
+        lines.append(f"  {role} {c['metric']}, {c['variant']} vs control: lift {_fmt(c['lift'], '+.2%')} {interval}"
+                     f", p {p}, chance to win {_fmt(c['chance_to_win'], '.1%')}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -279,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sql", help="the query; {db} names the abstream database")
     p.add_argument("--json", action="store_true", help="print columns and rows as JSON")
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("status", help="the newest decision of an experiment: verdict, lift, intervals, SRM")
+    p.add_argument("experiment_id", metavar="EXPERIMENT")
+    p.add_argument("--json", action="store_true", help="print the Decision record as JSON")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("experiment", help="define experiments and start, pause, stop, list or show them")
     common = _Parser(add_help=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ABSTREAM = str(Path(sys.executable).parent / "abstream")
-SUBCOMMANDS = ["demo", "kafka", "worker", "simulate", "query", "experiment"]
+SUBCOMMANDS = ["demo", "kafka", "worker", "simulate", "query", "experiment", "status"]
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import time
+import os
+import subprocess
+import sys
+import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from collections import defaultdict
 from dataclasses import replace
 
@@ -124,6 +129,17 @@ def clickhouse_statistics(settings, experiment_id: str) -> dict:
     return statistics_from_totals(exposure, {(u, m): float(v) for u, m, v in rows})
 
 
+def served_decision(worker_settings, experiment_id: str) -> dict | None:
+    """The decision served by whichever worker evaluates the experiment."""
+    for s in worker_settings:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/experiments/{experiment_id}", timeout=10) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError:
+            continue
+    return None
+
+
 def run_pipeline(settings, tmp_path, workers: int, events_by_experiment: dict) -> dict:
     ensure_topics(settings)
     for scenario in SCENARIOS:
@@ -162,7 +178,8 @@ def run_pipeline(settings, tmp_path, workers: int, events_by_experiment: dict) -
         time.sleep(2 * settings.decision_interval_s)  # a later decision would not change anything
         decisions = latest_decisions(settings)
         clickhouse = {e: clickhouse_statistics(worker_settings[0], e) for e in truths}
-        return {"decisions": decisions, "truths": truths, "clickhouse": clickhouse}
+        served = {e: served_decision(worker_settings, e) for e in truths}
+        return {"decisions": decisions, "truths": truths, "clickhouse": clickhouse, "served": served, "settings": settings}
     finally:
         for p in processes:
             stop_worker(p)
@@ -204,6 +221,21 @@ def test_verdicts(one_worker):
     assert decisions["srm"]["srm_flag"] and decisions["srm"]["verdict"] == "continue"
     assert "sample ratio mismatch" in decisions["srm"]["reason"]
     assert not decisions["effect"]["srm_flag"]
+
+
+def test_decision_served_over_http_and_by_status_command(one_worker):
+    settings = one_worker["settings"]
+    decision = one_worker["decisions"]["effect"]
+    assert decision_statistics(one_worker["served"]["effect"]) == decision_statistics(decision)
+    abstream = str(Path(sys.executable).parent / "abstream")
+    env = {**os.environ, **settings.to_env()}
+    as_json = subprocess.run([abstream, "status", "effect", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == decision
+    for_people = subprocess.run([abstream, "status", "effect"], capture_output=True, text=True, env=env, timeout=60)
+    assert for_people.returncode == 0 and "ship treatment" in for_people.stdout.splitlines()[0]
+    missing = subprocess.run([abstream, "status", "no-such-experiment"], capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_one_and_two_workers_give_identical_decisions(one_worker, two_workers):
