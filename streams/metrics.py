@@ -34,6 +34,25 @@ SINK_BATCH_ROWS = Histogram(
 )
 SINK_INSERT_SECONDS = Histogram("abstream_sink_insert_seconds", "Time to check and write one sink batch.")
 
+INPUT_LAG = Gauge(
+    "abstream_input_lag_messages", "Messages on the input topics not yet processed by this worker, by role (stage1, sink).", ["role"]
+)
+SINK_LAG_SECONDS = Gauge(
+    "abstream_sink_lag_seconds", "Age of the oldest message of the last sink batch when it reached ClickHouse (0 when caught up)."
+)
+PREDICTIONS = Counter(
+    "abstream_predictions_total", "Predictions per experiment, variant and status (ok, error, timeout).",
+    ["experiment", "variant", "status"]
+)
+PREDICTION_LATENCY = Histogram(
+    "abstream_prediction_latency_seconds", "Model latency reported by prediction events.", ["experiment", "variant"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+ALERTS = Counter(
+    "abstream_alerts_total", "Guardrail alerts raised (state transitions, not repeats).", ["experiment", "guardrail", "severity"]
+)
+KILLSWITCH = Counter("abstream_killswitch_total", "Kill-switch events published, by action.", ["experiment", "action"])
+EXPERIMENT_WEIGHT = Gauge("abstream_experiment_weight", "Current allocation weight per experiment and variant.", ["experiment", "variant"])
 EXPERIMENT_UNITS = Gauge("abstream_experiment_units", "Units exposed per experiment and variant.", ["experiment", "variant"])
 EXPERIMENT_LIFT = Gauge("abstream_experiment_lift", "Relative lift of the primary metric against control.", ["experiment", "variant"])
 EXPERIMENT_LIFT_LOW = Gauge("abstream_experiment_lift_ci_low", "Lower end of the lift's always-valid interval.", ["experiment", "variant"])
@@ -54,6 +73,7 @@ def observe_decision(record: dict) -> None:
     experiment = record["experiment_id"]
     for v in record["variants"]:
         EXPERIMENT_UNITS.labels(experiment, v["variant"]).set(v["units"])
+        EXPERIMENT_WEIGHT.labels(experiment, v["variant"]).set(v["weight"])
     for c in record["comparisons"]:
         if c["primary"] and c["lift"] is not None:
             EXPERIMENT_LIFT.labels(experiment, c["variant"]).set(c["lift"])

@@ -72,14 +72,21 @@ class Sink:
             "partition.assignment.strategy": "cooperative-sticky",
         }))
         consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, self._decisions_topic])
+        lag_measured = 0.0
         try:
             while not self._stop.is_set():
                 messages = consumer.consume(num_messages=self.batch_max, timeout=0.5)
                 messages = [m for m in messages if self._usable(m)]
+                if time.monotonic() - lag_measured > 5:
+                    metrics.INPUT_LAG.labels("sink").set(_input_lag(consumer, self._kinds))
+                    lag_measured = time.monotonic()
                 if not messages:
+                    metrics.SINK_LAG_SECONDS.set(0)
                     continue
                 self._write_until_done(messages)
                 consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+                oldest_ms = min(m.timestamp()[1] for m in messages)
+                metrics.SINK_LAG_SECONDS.set(max(0.0, time.time() - oldest_ms / 1000))
         finally:
             consumer.close()
 
@@ -186,6 +193,17 @@ def _decision_row(record: dict, partition: int, offset: int) -> tuple:
            "comparisons": [tuple(c.values()) for c in record["comparisons"]],
            "statistics": [tuple(s.values()) for s in record["statistics"]]}
     return tuple(row[c] for c in DECISION_COLUMNS)
+
+
+def _input_lag(consumer: Consumer, input_topics) -> int:
+    """Messages on the assigned input partitions beyond the consumer's position."""
+    assigned = [tp for tp in consumer.assignment() if tp.topic in input_topics]
+    lag = 0
+    for tp in consumer.position(assigned) if assigned else []:
+        _, high = consumer.get_watermark_offsets(tp, cached=True)
+        if tp.offset >= 0 and high >= 0:
+            lag += max(0, high - tp.offset)
+    return lag
 
 
 def _next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:

@@ -72,6 +72,8 @@ class Stage1:
         self.short_names = {topic: topic[len(settings.topic_prefix):] for topic in self.kinds}
         self.partials: dict[int, dict[str, Partial]] = {}
         self.dirty: set[tuple[int, str]] = set()
+        # Next offset to process per (topic, partition): the input lag is measured against it.
+        self.positions: dict[tuple[str, int], int] = {}
 
     def forget_partitions(self, partitions: Iterable[int]) -> None:
         """Drop partials of partitions this worker no longer owns (they are rebuilt from the
@@ -97,9 +99,11 @@ class Stage1:
         result = BatchResult()
         by_unit: dict[str, list[tuple[EventKind, dict]]] = defaultdict(list)
         refreshed = False
+        consumed: dict[str, int] = defaultdict(int)
         for message in messages:
             topic = self.short_names[message.topic]
-            metrics.EVENTS_CONSUMED.labels(topic).inc()
+            consumed[topic] += 1
+            self.positions[(message.topic, message.partition)] = message.offset + 1
             kind = self.kinds[message.topic]
             decoded = self.codec.decode(kind, message.value)
             if not isinstance(decoded, DeadLetter):
@@ -122,6 +126,8 @@ class Stage1:
                 continue
             by_unit[unit_key(message.partition, decoded["experiment_id"], decoded["unit_id"])].append((kind, decoded))
         metrics.BATCH_EVENTS.observe(len(messages))
+        for topic, count in consumed.items():
+            metrics.EVENTS_CONSUMED.labels(topic).inc(count)
 
         for key, events in by_unit.items():
             partition, experiment_id, _ = split_unit_key(key)
@@ -150,6 +156,8 @@ class Stage1:
                 state.expose(event["variant"], event["event_time"], window_ms, tracked)
             elif kind is EventKind.PREDICTION:
                 state.predicted(event["variant"])
+                metrics.PREDICTIONS.labels(event["experiment_id"], event["variant"], event["status"]).inc()
+                metrics.PREDICTION_LATENCY.labels(event["experiment_id"], event["variant"]).observe(event["latency_ms"] / 1000)
             elif kind is EventKind.OUTCOME:
                 state.outcome(event["metric"], event["event_time"], event["value"], window_ms, tracked)
         return changed

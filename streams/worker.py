@@ -69,7 +69,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         datadir=str(settings.home / "faust"),
     )
     codec = Codec(schema_source(settings.schema_registry_url))
-    inputs = app.topic(*input_topic_names(settings), key_serializer="raw", value_serializer="raw")
+    input_names = set(input_topic_names(settings))
+    inputs = app.topic(*input_names, key_serializer="raw", value_serializer="raw")
     deadletters = app.topic(settings.topic(DEADLETTER), key_serializer="raw", value_serializer="raw")
     partials_topic = app.topic(settings.topic(PARTIALS), key_serializer="raw", value_serializer="json",
                                partitions=settings.partitions)
@@ -118,6 +119,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     @app.timer(interval=settings.decision_interval_s)
     async def cadence():
         await publish_partials()
+        metrics.INPUT_LAG.labels("stage1").set(sum(
+            max(0, app.consumer.highwater(tp) - stage1.positions.get((tp.topic, tp.partition), app.consumer.highwater(tp)))
+            for tp in app.consumer.assignment() if tp.topic in input_names))
         for experiment_id in sorted(changed_experiments):
             changed_experiments.discard(experiment_id)
             config = experiments.get(experiment_id)
