@@ -53,6 +53,17 @@ class QuantileSketch:
         """Return the number of values summarised."""
         return self.zero_count + sum(self.counts)
 
+    def key(self, value: float) -> int | None:
+        """The bucket key of one value (None for zero): what a streaming caller counts
+        per bucket and later turns into a sketch with :meth:`from_counts`."""
+        return None if value == 0 else math.ceil(math.log(value) / math.log(self.gamma))
+
+    @classmethod
+    def from_counts(cls, relative_accuracy: float, zero_count: int, counts: dict[int, int]) -> QuantileSketch:
+        """The sketch whose buckets hold ``counts`` (key -> count, zero counts dropped)."""
+        keys = sorted(k for k, c in counts.items() if c)
+        return cls(relative_accuracy, int(zero_count), tuple(keys), tuple(int(counts[k]) for k in keys))
+
     def update(self, values: ArrayLike) -> QuantileSketch:
         """Return a new sketch with ``values`` (finite, >= 0) added."""
         array = np.asarray(values, dtype=float).ravel()

@@ -47,6 +47,9 @@ class ControlKind(str, Enum):
 
     EXPERIMENT_CONFIG = "experiment_config"
     DECISION = "decision"
+    ALERT = "alert"
+    KILLSWITCH = "killswitch"
+    ALLOCATION = "allocation"
 
 
 Kind = EventKind | ControlKind

@@ -20,6 +20,9 @@ INPUT_TOPICS = {
 DEADLETTER = "deadletter"
 PARTIALS = "partials"
 DECISIONS = "decisions"
+ALERTS = "alerts"
+KILLSWITCH = "killswitch"
+ALLOCATIONS = "allocations"
 # Internal and output topics: (partitions from settings?, extra topic configs).
 _DERIVED_TOPICS = {
     DEADLETTER: {},
@@ -27,6 +30,10 @@ _DERIVED_TOPICS = {
     PARTIALS: {"retention.ms": str(24 * 3600 * 1000)},
     # The newest decision per experiment is what `abstream status` reads; ClickHouse keeps history.
     DECISIONS: {"cleanup.policy": "compact", "segment.ms": str(600 * 1000)},
+    ALERTS: {},
+    # Routers read the newest kill switch and allocation of every experiment at start-up.
+    KILLSWITCH: {"cleanup.policy": "compact"},
+    ALLOCATIONS: {"cleanup.policy": "compact"},
 }
 
 
