@@ -108,14 +108,16 @@ def _comparisons(metric: str, arms: Mapping[str, Moments], policy: DecisionPolic
 
 def decide(policy: DecisionPolicy, primary_metric: str, primary: Mapping[str, Moments],
            secondary: Mapping[str, Mapping[str, Moments]], exposures: Mapping[str, int],
-           weights: Mapping[str, float], runtime_s: float) -> Decision:
-    """The decision for the experiment's current statistics (see the module's rules)."""
+           weights: Mapping[str, float], runtime_s: float, *, check_srm: bool = True) -> Decision:
+    """The decision for the experiment's current statistics (see the module's rules).
+    ``check_srm`` is false when the allocation changes over time (canary, bandit): the
+    counts then come from several splits and no single planned ratio applies."""
     variants = sorted(weights)
     treatments = [v for v in variants if v != policy.control]
     alpha_each = policy.alpha / max(1, len(treatments))
     arms = {v: primary.get(v) for v in variants}
     counts = [exposures.get(v, 0) for v in variants]
-    srm_p = sequential_srm_pvalue(counts, [weights[v] for v in variants]) if sum(counts) else math.nan
+    srm_p = sequential_srm_pvalue(counts, [weights[v] for v in variants]) if sum(counts) and check_srm else math.nan
     primary_results = tuple(_comparisons(primary_metric, {v: a for v, a in arms.items() if a is not None}, policy, alpha_each))
 
     secondary_results: list[ArmComparison] = []

@@ -65,6 +65,7 @@ class Partial:
     inconsistencies: int = 0
     watermark_ms: int = 0
     first_exposure_ms: int | None = None
+    counters: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add_unit(self, state: UnitState, metrics: Iterable[MetricSpec], sign: int = 1) -> None:
         """Add (sign=1) or take away (sign=-1) one unit's contribution.
@@ -78,6 +79,10 @@ class Partial:
         for fate, count in state.fates.items():
             self.fates[fate] = self.fates.get(fate, 0) + sign * count
         self.inconsistencies += sign * state.inconsistencies
+        for group, counts in state.counters.items():
+            mine = self.counters.setdefault(group, {})
+            for key, value in counts.items():
+                mine[key] = mine.get(key, 0) + sign * value
         if state.variant is None:
             return
         arm = self.variants.setdefault(state.variant, VariantPartial())
@@ -98,6 +103,10 @@ class Partial:
         for fate, count in other.fates.items():
             merged.fates[fate] = merged.fates.get(fate, 0) + count
         merged.inconsistencies += other.inconsistencies
+        for group, counts in other.counters.items():
+            mine = merged.counters.setdefault(group, {})
+            for key, value in counts.items():
+                mine[key] = mine.get(key, 0) + value
         merged.watermark_ms = max(merged.watermark_ms, other.watermark_ms)
         if other.first_exposure_ms is not None:
             merged.first_exposure_ms = min(merged.first_exposure_ms or other.first_exposure_ms, other.first_exposure_ms)
@@ -124,6 +133,11 @@ class Partial:
                 result[name] = RatioStats(arm.units, *sums)
         return result
 
+    def counts(self, namespace: str) -> dict[str, dict[str, float]]:
+        """Counters of one namespace (status, latency, score, shadow) by variant or challenger."""
+        prefix = f"{namespace}:"
+        return {group[len(prefix):]: counts for group, counts in self.counters.items() if group.startswith(prefix)}
+
     def exposures(self) -> dict[str, int]:
         return {name: arm.units for name, arm in self.variants.items()}
 
@@ -133,6 +147,7 @@ class Partial:
                          for name, a in self.variants.items()},
             "fates": dict(self.fates), "inconsistencies": self.inconsistencies, "watermark_ms": self.watermark_ms,
             "first_exposure_ms": self.first_exposure_ms,
+            "counters": {group: dict(counts) for group, counts in self.counters.items()},
         }
 
     @classmethod
@@ -140,6 +155,7 @@ class Partial:
         return cls(
             {name: VariantPartial(a["units"], {m: list(s) for m, s in a["sums"].items()}) for name, a in d["variants"].items()},
             dict(d["fates"]), d["inconsistencies"], d["watermark_ms"], d["first_exposure_ms"],
+            {group: dict(counts) for group, counts in d["counters"].items()},
         )
 
 

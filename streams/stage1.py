@@ -155,11 +155,13 @@ class Stage1:
             if kind is EventKind.ASSIGNMENT:
                 state.expose(event["variant"], event["event_time"], window_ms, tracked)
             elif kind is EventKind.PREDICTION:
-                state.predicted(event["variant"])
+                state.predicted(event)
                 metrics.PREDICTIONS.labels(event["experiment_id"], event["variant"], event["status"]).inc()
                 metrics.PREDICTION_LATENCY.labels(event["experiment_id"], event["variant"]).observe(event["latency_ms"] / 1000)
             elif kind is EventKind.OUTCOME:
                 state.outcome(event["metric"], event["event_time"], event["value"], window_ms, tracked)
+            else:
+                state.shadowed(event)
         return changed
 
     def take_dirty(self) -> list[tuple[int, str, Partial]]:

@@ -15,6 +15,10 @@ all in event time:
   a crash, or re-sent by a producer, is recognised and changes nothing. Because the ids and
   the totals are one record, they are written (and recovered) together.
 
+- Guardrail counts live in the unit state too, as sparse counters (prediction status,
+  latency sketch buckets, prediction score bins per event-time hour, shadow comparisons per
+  challenger), so that they are exactly as idempotent as the metric totals.
+
 A unit's *contribution* to the experiment statistics is a pure function of its state; the
 stage-1 agent adds (contribution after a batch - contribution before) to the partials, once
 per touched unit per batch.
@@ -24,8 +28,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from analysis.sketch import QuantileSketch
+
 RECENT_EVENT_IDS = 256
 MAX_AWAITING_OUTCOMES = 64
+LATENCY_SKETCH = QuantileSketch(relative_accuracy=0.02)
+SCORE_BINS = 20
+HOUR_MS = 3_600_000
+# Shadow runs are compared on labels when both models give one, else on scores, which
+# disagree when they fall on different sides of this decision threshold.
+SCORE_DECISION_THRESHOLD = 0.5
+
+
+def counter_key(namespace: str, name: str) -> str:
+    """Counters are grouped as "<namespace>:<variant or challenger>"."""
+    return f"{namespace}:{name}"
+
+
+def score_bin(score: float) -> int:
+    return min(SCORE_BINS - 1, max(0, int(score * SCORE_BINS)))
 
 
 class OutcomeFate(str, Enum):
@@ -48,6 +69,11 @@ class UnitState:
     inconsistencies: int = 0
     recent_ids: list[str] = field(default_factory=list)
     last_ms: int = 0
+    counters: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def count(self, group: str, key: str, by: float = 1) -> None:
+        bucket = self.counters.setdefault(group, {})
+        bucket[key] = bucket.get(key, 0) + by
 
     def first_time(self, identity: str, time_ms: int) -> bool:
         """True the first time an event identity is seen (and remembers it and its time)."""
@@ -70,9 +96,36 @@ class UnitState:
         for metric, t, value in awaiting:
             self.outcome(metric, t, value, window_ms, metrics)
 
-    def predicted(self, variant: str) -> None:
+    def predicted(self, prediction: dict) -> None:
+        variant = prediction["variant"]
         if self.variant is not None and variant != self.variant:
             self.inconsistencies += 1
+        self.count(counter_key("status", variant), prediction["status"])
+        key = LATENCY_SKETCH.key(prediction["latency_ms"])
+        self.count(counter_key("latency", variant), "z" if key is None else str(key))
+        if prediction["score"] is not None:
+            hour = prediction["event_time"] // HOUR_MS
+            self.count(counter_key("score", variant), f"{hour}:{score_bin(prediction['score'])}")
+
+    def shadowed(self, run: dict) -> None:
+        group = counter_key("shadow", f"{run['challenger_model']}:{run['challenger_version']}")
+        self.count(group, "runs")
+        self.count(group, run["challenger_status"])
+        if run["challenger_status"] != "ok":
+            return
+        if run["challenger_latency_ms"] is not None:
+            self.count(group, "latency_diff_ms", run["challenger_latency_ms"] - run["champion_latency_ms"])
+            self.count(group, "latency_compared")
+        champion, challenger = run["champion_score"], run["challenger_score"]
+        if run["champion_label"] is not None and run["challenger_label"] is not None:
+            self.count(group, "compared")
+            self.count(group, "disagree", int(run["champion_label"] != run["challenger_label"]))
+        elif champion is not None and challenger is not None:
+            self.count(group, "compared")
+            self.count(group, "disagree", int((champion >= SCORE_DECISION_THRESHOLD) != (challenger >= SCORE_DECISION_THRESHOLD)))
+            self.count(group, "abs_score_diff", abs(challenger - champion))
+            self.count(group, f"champion_bin:{score_bin(champion)}")
+            self.count(group, f"challenger_bin:{score_bin(challenger)}")
 
     def outcome(self, metric: str, time_ms: int, value: float, window_ms: int, metrics: frozenset[str]) -> None:
         if self.exposed_ms is None:
@@ -96,8 +149,9 @@ class UnitState:
 
     def to_dict(self) -> dict:
         return {"v": self.variant, "t": self.exposed_ms, "m": self.totals, "a": self.awaiting,
-                "f": self.fates, "x": self.inconsistencies, "r": self.recent_ids, "l": self.last_ms}
+                "f": self.fates, "x": self.inconsistencies, "r": self.recent_ids, "l": self.last_ms, "c": self.counters}
 
     @classmethod
     def from_dict(cls, d: dict) -> "UnitState":
-        return cls(d["v"], d["t"], dict(d["m"]), [tuple(a) for a in d["a"]], dict(d["f"]), d["x"], list(d["r"]), d["l"])
+        return cls(d["v"], d["t"], dict(d["m"]), [tuple(a) for a in d["a"]], dict(d["f"]), d["x"], list(d["r"]), d["l"],
+                   {group: dict(counts) for group, counts in d["c"].items()})

@@ -32,8 +32,9 @@ from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.sink import Sink
 from streams.stage1 import Stage1
-from streams.stage2 import decision_record, evaluate, merged_partial, with_partial
-from streams.topics import DECISIONS, DEADLETTER, PARTIALS, deadletter_headers, input_topic_names
+from streams.stage2 import ControlState, control, decision_record, evaluate, merged_partial, with_partial
+from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, deadletter_headers,
+                            input_topic_names)
 from streams.warehouse import Warehouse, WarehouseError
 
 log = logging.getLogger("abstream.worker")
@@ -75,6 +76,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     partials_topic = app.topic(settings.topic(PARTIALS), key_serializer="raw", value_serializer="json",
                                partitions=settings.partitions)
     decisions_topic = app.topic(settings.topic(DECISIONS), key_serializer="raw", value_serializer="raw")
+    control_topics = {kind: app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw")
+                      for kind, name in ((ControlKind.ALERT, ALERTS), (ControlKind.KILLSWITCH, KILLSWITCH),
+                                         (ControlKind.ALLOCATION, ALLOCATIONS))}
     # Keys and values are JSON (Faust's default for tables without a type).
     units = app.Table("units", default=None, partitions=settings.partitions)
     experiment_partials = app.Table("experiments", default=None, partitions=settings.partitions)
@@ -112,7 +116,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             for experiment_id, by_source in newest.items():
                 stored = experiment_partials.data.get(experiment_id)
                 for source, partial in by_source.items():
-                    stored = with_partial(stored, source, partial)
+                    stored = with_partial(stored, source, partial, table_partition[experiment_id])
                 write_table(experiment_partials, table_partition[experiment_id], experiment_id, stored)
                 changed_experiments.add(experiment_id)
 
@@ -128,11 +132,31 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             stored = experiment_partials.data.get(experiment_id)
             if config is None or stored is None:
                 continue
-            partial = merged_partial(stored)
-            record = decision_record(config, evaluate(config, partial), partial, int(time.time() * 1000))
-            latest_decisions[experiment_id] = record
-            metrics.observe_decision(record)
-            await decisions_topic.send(key=experiment_id.encode(), value=codec.encode(ControlKind.DECISION, record))
+            await evaluate_experiment(config, stored)
+
+    async def evaluate_experiment(config, stored: dict) -> None:
+        now_ms = int(time.time() * 1000)
+        key = config.experiment_id.encode()
+        partial = merged_partial(stored)
+        state = ControlState.from_dict(stored["control"])
+        new_state, actions = control(config, partial, state, now_ms)
+        for kind, records in ((ControlKind.ALERT, actions.alerts), (ControlKind.KILLSWITCH, actions.killswitches),
+                              (ControlKind.ALLOCATION, actions.allocations)):
+            for record in records:
+                await control_topics[kind].send(key=key, value=codec.encode(kind, record))
+        for alert in actions.alerts:
+            if alert["state"] == "firing":
+                metrics.ALERTS.labels(config.experiment_id, alert["guardrail"], alert["severity"]).inc()
+            log.warning("alert %s %s: %s", alert["state"], alert["alert_id"], alert["evidence"])
+        for order in actions.killswitches:
+            metrics.KILLSWITCH.labels(config.experiment_id, order["action"]).inc()
+        if new_state.to_dict() != state.to_dict():
+            stored = {**stored, "control": new_state.to_dict()}
+            write_table(experiment_partials, stored["partition"], config.experiment_id, stored)
+        record = decision_record(config, evaluate(config, partial, new_state.weights), partial, now_ms, new_state.weights)
+        latest_decisions[config.experiment_id] = record
+        metrics.observe_decision(record)
+        await decisions_topic.send(key=key, value=codec.encode(ControlKind.DECISION, record))
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
