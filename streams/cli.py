@@ -8,6 +8,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -185,6 +186,97 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _parse_split(text: str) -> list[float]:
+    """Shares of "50/50" or "34/33/33" (control first), normalised to sum to 1."""
+    try:
+        shares = [float(part) for part in text.split("/")]
+    except ValueError:
+        raise CommandError(f"--split {text!r} is not a list of numbers like 50/50 or 34/33/33") from None
+    if len(shares) < 2 or any(not share > 0 for share in shares):
+        raise CommandError(f"--split {text!r} needs at least two positive shares, control first (e.g. 50/50)")
+    return [share / sum(shares) for share in shares]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from analysis.planning import duration_days, sample_size
+    from analysis.sequential_cost import sequential_cost, simulate_stopping
+
+    shares = _parse_split(args.split)
+    if args.simulations < 0:
+        raise CommandError(f"--simulations must be 0 or more, got {args.simulations}")
+    names = ["control"] + (["treatment"] if len(shares) == 2 else [f"treatment{i}" for i in range(1, len(shares))])
+    # The engine compares each treatment with control at alpha / treatments (Bonferroni).
+    alpha_each = args.alpha / (len(shares) - 1)
+    change = args.mde * args.baseline if not args.absolute else args.mde
+    arms, per_variant, days, sequential_days = [], {names[0]: 0}, [], []
+    try:
+        for name, share in zip(names[1:], shares[1:]):
+            pair = shares[0] + share
+            plan = sample_size(args.baseline, args.mde, relative=not args.absolute, sd=args.sd, alpha=alpha_each,
+                               power=args.power, two_sided=not args.one_sided, treatment_share=share / pair)
+            cost = sequential_cost(plan, args.method)
+            simulated = (simulate_stopping(args.baseline, change, cost, alpha=alpha_each, treatment_share=share / pair,
+                                           sd=args.sd, experiments=args.simulations, seed=args.seed)
+                         if args.simulations else None)
+            arm = {"variant": name, "n_control": plan.n_control, "n_treatment": plan.n_treatment,
+                   "effect_size": plan.effect_size, "sequential": {**cost.to_dict(),
+                                                                   "simulation": simulated and simulated.to_dict()}}
+            if args.daily_traffic is not None:
+                arm["duration_days"] = duration_days(plan, args.daily_traffic * pair)
+                max_plan = replace(plan, n_control=cost.n_control_max, n_treatment=cost.n_treatment_max)
+                arm["sequential"]["max_duration_days"] = duration_days(max_plan, args.daily_traffic * pair)
+                days.append(arm["duration_days"])
+                sequential_days.append(arm["sequential"]["max_duration_days"])
+            arms.append(arm)
+            per_variant[names[0]] = max(per_variant[names[0]], plan.n_control)
+            per_variant[name] = plan.n_treatment
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    result = {
+        "metric": "proportion" if args.sd is None else "mean", "baseline": args.baseline, "mde": args.mde,
+        "relative": not args.absolute, "target": args.baseline + change, "sd": args.sd, "alpha": args.alpha,
+        "alpha_per_comparison": alpha_each, "power": args.power, "two_sided": not args.one_sided,
+        "split": dict(zip(names, shares)), "method": args.method, "n_per_variant": per_variant,
+        "n_total": sum(per_variant.values()), "daily_traffic": args.daily_traffic,
+        "duration_days": max(days) if days else None,
+        "sequential_max_duration_days": max(sequential_days) if sequential_days else None, "comparisons": arms,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(render_plan(result))
+    return EXIT_OK
+
+
+def render_plan(plan: dict) -> str:
+    """A plan for people: fixed-horizon sample and duration, then what anytime validity costs."""
+    kind = plan["metric"]
+    change = plan["target"] - plan["baseline"]
+    sides = "two-sided" if plan["two_sided"] else "one-sided"
+    lines = [f"{kind} {plan['baseline']:g} -> {plan['target']:g} (change {change:+.4g}"
+             + (f", {plan['mde']:+.1%} relative" if plan["relative"] else "") + ")"
+             + (f", sd {plan['sd']:g}" if plan["sd"] is not None else ""),
+             f"fixed horizon ({sides}, alpha {plan['alpha_per_comparison']:g} per comparison, power {plan['power']:g}): "
+             + ", ".join(f"{v} {n:,}" for v, n in plan["n_per_variant"].items()) + f" units ({plan['n_total']:,} in all)"]
+    if plan["duration_days"] is not None:
+        split = "/".join(f"{share:.0%}" for share in plan["split"].values())
+        lines.append(f"duration at {plan['daily_traffic']:,.0f} units/day split {split}: {plan['duration_days']} days")
+    for arm in plan["comparisons"]:
+        seq = arm["sequential"]
+        prefix = f"{arm['variant']}: " if len(plan["comparisons"]) > 1 else ""
+        lines.append(f"{prefix}anytime-valid ({plan['method']}, N* {seq['n_star']:g}): interval {seq['width_ratio']:.2f}x "
+                     f"as wide as the fixed one at the planned sample; the same power read only at the end needs up to "
+                     f"{seq['n_control_max']:,} + {seq['n_treatment_max']:,} units ({seq['extra_fraction']:+.0%})"
+                     + (f", {seq['max_duration_days']} days" if "max_duration_days" in seq else ""))
+        sim = seq["simulation"]
+        if sim:
+            lines.append(f"{prefix}simulated at the MDE ({sim['experiments']:,} experiments, {sim['looks']} looks, seed "
+                         f"{sim['seed']}): power {sim['power']:.2f} by that bound, stopping on average after "
+                         f"{sim['mean_total_units_at_stop']:,.0f} units in all (fixed horizon: "
+                         f"{arm['n_control'] + arm['n_treatment']:,})")
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -321,6 +413,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment_id", metavar="EXPERIMENT")
     p.add_argument("--json", action="store_true", help="print the Decision record as JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("plan", help="units per variant and duration for a minimum detectable effect, and the sequential penalty")
+    p.add_argument("--baseline", type=float, required=True, help="control's conversion rate (or mean, with --sd)")
+    p.add_argument("--mde", type=float, required=True,
+                   help="minimum detectable effect, a fraction of the baseline (-0.10 = a 10%% drop) unless --absolute")
+    p.add_argument("--absolute", action="store_true", help="--mde is an absolute change, not relative to the baseline")
+    p.add_argument("--sd", type=float, help="standard deviation per unit: plan for a mean instead of a proportion")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    p.add_argument("--power", type=float, default=0.8, help="power against the MDE (default 0.8)")
+    p.add_argument("--one-sided", action="store_true", help="one-sided fixed-horizon test (default two-sided)")
+    p.add_argument("--split", default="50/50", help="traffic shares, control first (default 50/50; e.g. 34/33/33)")
+    p.add_argument("--daily-traffic", type=float, help="new units per day entering the experiment: print the duration")
+    p.add_argument("--method", choices=("sequential", "msprt"), default="sequential",
+                   help="the anytime-valid test whose penalty to compute (default sequential)")
+    p.add_argument("--simulations", type=int, default=2000,
+                   help="simulated experiments for the expected stopping sample (default 2000; 0 skips)")
+    p.add_argument("--seed", type=int, default=20240601, help="seed of the simulation")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("experiment", help="define experiments and start, pause, stop, list or show them")
     common = _Parser(add_help=False)
