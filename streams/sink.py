@@ -29,9 +29,9 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from streams import metrics
 from streams.codec import Codec, ControlKind, DeadLetter, EventKind
 from streams.settings import Settings
-from streams.topics import DEADLETTER, DECISIONS, input_topic_names
-from streams.warehouse import (DEADLETTER_COLUMNS, DEADLETTER_TABLE, DECISIONS_TABLE, RAW_TABLES, Warehouse,
-                               WarehouseError, event_columns)
+from streams.topics import ALERTS, DEADLETTER, DECISIONS, input_topic_names
+from streams.warehouse import (ALERTS_TABLE, DEADLETTER_COLUMNS, DEADLETTER_TABLE, DECISIONS_TABLE, RAW_TABLES,
+                               Warehouse, WarehouseError, event_columns)
 
 log = logging.getLogger("abstream.sink")
 
@@ -49,7 +49,9 @@ class Sink:
         self.retry_max_s = retry_max_s
         self._kinds = input_topic_names(settings)
         self._deadletter_topic = settings.topic(DEADLETTER)
-        self._decisions_topic = settings.topic(DECISIONS)
+        # Control-plane topics written to a table of their own, identified by (partition, offset).
+        self._control = {settings.topic(DECISIONS): (ControlKind.DECISION, DECISIONS_TABLE, DECISION_COLUMNS),
+                         settings.topic(ALERTS): (ControlKind.ALERT, ALERTS_TABLE, ALERT_COLUMNS)}
         self._columns = {kind: event_columns(kind) for kind in EventKind}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,7 +73,7 @@ class Sink:
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
         }))
-        consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, self._decisions_topic])
+        consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, *self._control])
         lag_measured = 0.0
         try:
             while not self._stop.is_set():
@@ -116,18 +118,20 @@ class Sink:
         events: dict[EventKind, dict[tuple[str, str], dict]] = defaultdict(dict)
         valid: dict[EventKind, int] = defaultdict(int)
         dead: dict[tuple[str, int], dict[int, tuple]] = defaultdict(dict)
-        decisions: dict[int, dict[int, dict]] = defaultdict(dict)
+        control: dict[tuple[str, int], dict[int, tuple]] = defaultdict(dict)
         for message in messages:
             topic = message.topic()
             if topic == self._deadletter_topic:
                 row = _deadletter_row(message)
                 dead[(row[0], row[1])][row[2]] = row
-            elif topic == self._decisions_topic:
-                decoded = self.codec.decode(ControlKind.DECISION, message.value())
+            elif topic in self._control:
+                kind, _, columns = self._control[topic]
+                decoded = self.codec.decode(kind, message.value())
                 if isinstance(decoded, DeadLetter):
-                    log.warning("skipping an undecodable decision at offset %d: %s", message.offset(), decoded.detail)
+                    log.warning("skipping an undecodable %s at offset %d: %s", kind.value, message.offset(), decoded.detail)
                 else:
-                    decisions[message.partition()][message.offset()] = decoded
+                    control[(topic, message.partition())][message.offset()] = _control_row(
+                        decoded, message.partition(), message.offset(), columns)
             else:
                 kind = self._kinds[topic]
                 decoded = self.codec.decode(kind, message.value())
@@ -142,10 +146,9 @@ class Sink:
         for (topic, partition), rows in dead.items():
             written += self._write_new(DEADLETTER_TABLE, {"topic": topic, "partition": partition}, "offset",
                                        rows, DEADLETTER_COLUMNS)
-        for partition, records in decisions.items():
-            rows = {offset: _decision_row(record, partition, offset) for offset, record in records.items()}
-            written += self._write_new(DECISIONS_TABLE, {"kafka_partition": partition}, "kafka_offset",
-                                       rows, DECISION_COLUMNS)
+        for (topic, partition), rows in control.items():
+            _, table, columns = self._control[topic]
+            written += self._write_new(table, {"kafka_partition": partition}, "kafka_offset", rows, columns)
         metrics.SINK_BATCH_ROWS.observe(written)
         metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started)
 
@@ -187,12 +190,17 @@ DECISION_COLUMNS = ("experiment_id", "config_version", "decision_time", "waterma
                     "srm_flag", "outcome_fates", "assignment_inconsistencies", "kafka_partition", "kafka_offset")
 
 
-def _decision_row(record: dict, partition: int, offset: int) -> tuple:
-    row = {**record, "kafka_partition": partition, "kafka_offset": offset,
-           "variants": [tuple(v.values()) for v in record["variants"]],
-           "comparisons": [tuple(c.values()) for c in record["comparisons"]],
-           "statistics": [tuple(s.values()) for s in record["statistics"]]}
-    return tuple(row[c] for c in DECISION_COLUMNS)
+ALERT_COLUMNS = ("alert_id", "experiment_id", "variant", "guardrail", "kind", "state", "severity", "action",
+                 "observed", "threshold", "p_value", "evidence", "event_time", "emitted_time",
+                 "kafka_partition", "kafka_offset")
+
+
+def _control_row(record: dict, partition: int, offset: int, columns: Sequence[str]) -> tuple:
+    """A table row from a control-plane record: nested records become tuples (ClickHouse Tuple)."""
+    row = {key: [tuple(item.values()) for item in value] if isinstance(value, list) and value and isinstance(value[0], dict)
+           else value for key, value in record.items()}
+    row.update(kafka_partition=partition, kafka_offset=offset)
+    return tuple(row[c] for c in columns)
 
 
 def _input_lag(consumer: Consumer, input_topics) -> int:

@@ -26,6 +26,7 @@ RAW_TABLES = {
 DEADLETTER_TABLE = "deadletter"
 DEADLETTER_COLUMNS = ("topic", "partition", "offset", "reason", "detail", "key", "payload", "received_time")
 DECISIONS_TABLE = "decisions"
+ALERTS_TABLE = "alerts"
 
 
 def event_columns(kind: EventKind) -> tuple[str, ...]:

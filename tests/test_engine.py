@@ -179,7 +179,19 @@ def run_pipeline(settings, tmp_path, workers: int, events_by_experiment: dict) -
         decisions = latest_decisions(settings)
         clickhouse = {e: clickhouse_statistics(worker_settings[0], e) for e in truths}
         served = {e: served_decision(worker_settings, e) for e in truths}
-        return {"decisions": decisions, "truths": truths, "clickhouse": clickhouse, "served": served, "settings": settings}
+
+        def decisions_landed():
+            rows = sql(worker_settings[0], "SELECT experiment_id, argMax(statistics, (decision_time, kafka_offset)) "
+                                           "FROM {db}.decisions GROUP BY experiment_id")
+            landed = {e: stats for e, stats in rows}
+            return landed if len(landed) == len(truths) else None
+
+        deadline = time.monotonic() + 60
+        while (stored_decisions := decisions_landed()) is None:
+            assert time.monotonic() < deadline, "decisions did not reach ClickHouse"
+            time.sleep(1)
+        return {"decisions": decisions, "truths": truths, "clickhouse": clickhouse, "served": served,
+                "settings": settings, "stored_decisions": stored_decisions}
     finally:
         for p in processes:
             stop_worker(p)
@@ -212,6 +224,13 @@ def test_streaming_statistics_equal_numpy_and_clickhouse_exactly(one_worker, exp
     assert decision["outcome_fates"] == truth["fates"]
     assert decision["assignment_inconsistencies"] == truth["inconsistencies"]
     assert {"attributed", "before_exposure", "after_window", "awaiting_exposure"} <= set(truth["fates"])
+
+
+def test_decisions_land_in_clickhouse_with_their_statistics(one_worker):
+    for experiment_id, statistics in one_worker["stored_decisions"].items():
+        # Named tuples travel as JSON objects through the SQL endpoint.
+        assert {(x["metric"], x["variant"]): (x["units"], list(x["sums"])) for x in statistics} == \
+            decision_statistics(one_worker["decisions"][experiment_id])
 
 
 def test_verdicts(one_worker):
