@@ -46,6 +46,9 @@ class ExperimentScenario:
     predictions_per_unit: float = 1.5
     seed: int = 0
     run_id: str = ""
+    # Latency multiplier of a variant once this share of the units has been exposed (a regression).
+    latency_regression: dict[str, float] = field(default_factory=dict)
+    regression_after: float = 0.5
     segments: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"country": ("de", "fr", "us"),
                                                                           "platform": ("ios", "android", "web")})
 
@@ -78,13 +81,14 @@ def scenario_events(s: ExperimentScenario) -> list[tuple[int, EventKind, dict]]:
             t = t0 + int(rng.integers(1, 5000))
             out.append((t, EventKind.ASSIGNMENT, event(EventKind.ASSIGNMENT, unit, t, variant=other,
                                                        allocation_version=1, segment=segment)))
+        slowdown = s.latency_regression.get(variant, 1.0) if i >= s.regression_after * s.units else 1.0
         for _ in range(rng.poisson(s.predictions_per_unit)):
             t = t0 + int(rng.integers(0, 60_000))
             failed = rng.random() < arm.error_rate
             out.append((t, EventKind.PREDICTION, event(
                 EventKind.PREDICTION, unit, t, request_id=f"r{next(counter)}", variant=variant,
                 model_name="ranker", model_version=variant, score=None if failed else float(rng.random()),
-                label=None, latency_ms=float(rng.lognormal(np.log(arm.latency_ms), 0.3)),
+                label=None, latency_ms=float(rng.lognormal(np.log(arm.latency_ms * slowdown), 0.3)),
                 status="error" if failed else "ok")))
         if rng.random() < s.before_exposure_share:
             t = t0 - int(rng.integers(1_000, 3_600_000))
@@ -110,3 +114,36 @@ def scenario_events(s: ExperimentScenario) -> list[tuple[int, EventKind, dict]]:
 
 def _outcome(rng: np.random.Generator, s: ExperimentScenario, record: dict) -> tuple[int, EventKind, dict]:
     return record["event_time"] + int(rng.uniform(0, s.max_transit_s * 1000)), EventKind.OUTCOME, record
+
+
+def shadow_events(experiment_id: str, runs: int, *, disagreement: float, start_ms: int = 1_767_225_600_000,
+                  runs_per_s: float = 50.0, challenger: tuple[str, str] = ("ranker", "v3"), error_rate: float = 0.0,
+                  seed: int = 0, run_id: str = "") -> list[tuple[int, EventKind, dict]]:
+    """Shadow runs of a challenger beside the champion: a share ``disagreement`` of the
+    scored runs falls on the other side of the 0.5 decision threshold."""
+    rng = np.random.default_rng(seed)
+    out = []
+    t = start_ms
+    for i in range(runs):
+        t += int(rng.exponential(1000.0 / runs_per_s)) + 1
+        champion = float(rng.random())
+        flip = rng.random() < disagreement
+        if flip:
+            challenger_score = 1.0 - champion
+        else:
+            challenger_score = float(np.clip(champion + rng.normal(0, 0.02), 0, 1))
+            if (challenger_score >= 0.5) != (champion >= 0.5):
+                challenger_score = champion  # noise must not cross the threshold: only flips disagree
+        failed = rng.random() < error_rate
+        out.append((t, EventKind.SHADOW, {
+            "event_id": f"{run_id}{experiment_id}-s{i}", "event_time": t, "experiment_id": experiment_id,
+            "unit_id": f"{run_id}{experiment_id}-u{int(rng.integers(0, runs // 3 + 1)):06d}",
+            "request_id": f"{run_id}{experiment_id}-r{i}", "champion_model": challenger[0], "champion_version": "v1",
+            "challenger_model": challenger[0], "challenger_version": challenger[1],
+            "champion_score": champion, "challenger_score": None if failed else challenger_score,
+            "champion_label": None, "challenger_label": None,
+            "champion_latency_ms": float(rng.lognormal(np.log(40), 0.3)),
+            "challenger_latency_ms": None if failed else float(rng.lognormal(np.log(45), 0.3)),
+            "challenger_status": "error" if failed else "ok",
+        }))
+    return out
