@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from streams.settings import Settings, SettingsError
 
@@ -277,6 +279,83 @@ def render_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+_PLACEHOLDER = re.compile(r"\{(\w+):(\w+)\}")
+
+
+def inline_parameters(sql: str, parameters: Mapping[str, Any]) -> str:
+    """SQL for a transport that takes no parameters (the sink worker's /sql endpoint): each
+    ``{name:Type}`` placeholder becomes a literal that cannot break out of its place --
+    strings as ``unhex('<hex>')``, numbers as their decimal form. The direct path sends
+    parameters to ClickHouse instead."""
+    def literal(match: re.Match) -> str:
+        name, type_ = match.group(1), match.group(2)
+        value = parameters[name]
+        if type_ == "String":
+            return f"unhex('{str(value).encode().hex()}')"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CommandError(f"parameter {name} must be a finite number for {type_}, got {value!r}")
+        return str(int(value)) if type_.startswith(("Int", "UInt")) else repr(float(value))
+
+    return _PLACEHOLDER.sub(literal, sql)
+
+
+def report_query(settings: Settings):
+    """The report's ``query(sql, parameters) -> (columns, rows)``: through the sink-holding
+    worker's loopback endpoint while it owns the embedded ClickHouse (as ``run_query``),
+    else directly with server-side parameters."""
+    from streams.warehouse import Warehouse
+    from streams.worker import sink_endpoint_file
+
+    def query(sql: str, parameters: Mapping[str, Any]) -> tuple[list[str], list[list]]:
+        endpoint = sink_endpoint_file(settings)
+        if settings.embedded_clickhouse and endpoint.exists() and _alive(json.loads(endpoint.read_text())["pid"]):
+            return run_query(settings, inline_parameters(sql, parameters))
+        result = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database).query(sql, parameters)
+        return list(result.column_names), [list(r) for r in result.rows]
+
+    return query
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.progress import Progress
+
+    from analysis.report import ReportError, analyse, collect, collect_steps, to_json, write_report
+    from streams.experiments import read_configs
+    from streams.stage2 import policy_of
+
+    settings = _settings(args)
+    configs = read_configs(settings)
+    config = configs.get(args.experiment_id)
+    if config is None:
+        known = ", ".join(sorted(configs)[:10]) or "none yet"
+        raise CommandError(f"no experiment {args.experiment_id!r} is defined (known: {known})")
+    query = report_query(settings)
+    try:
+        if args.json:
+            rows = collect(config, query)
+        else:
+            with Progress(transient=True) as progress:
+                task = progress.add_task("reading ClickHouse", total=collect_steps(config))
+                rows = collect(config, query, on_step=lambda name: progress.update(
+                    task, advance=1, description=f"reading ClickHouse: {name}"))
+    except ReportError as exc:
+        raise CommandError(str(exc)) from None
+    report = analyse(config, policy_of(config), rows, generated_ms=int(time.time() * 1000))
+    out_dir = Path(args.out) if args.out else Path("reports") / config.experiment_id
+    paths = write_report(report, out_dir)
+    if args.json:
+        print(json.dumps({**to_json(report), "files": {k: str(v) for k, v in paths.items()}}, default=str))
+        return EXIT_OK
+    rec = report.recommendation
+    print(f"{config.experiment_id}: {rec.verdict.value}" + (f" {rec.variant}" if rec.variant and rec.verdict.value == "ship" else ""))
+    for reason in rec.reasons:
+        print(f"  {reason}")
+    print(f"wrote {paths['markdown']} and {paths['html']} (+ {len(paths) - 3} plots)")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -432,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=20240601, help="seed of the simulation")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="the experiment's report from ClickHouse: every test, segments, plots, verdict")
+    p.add_argument("experiment_id", metavar="EXPERIMENT")
+    p.add_argument("--out", help="folder for report.md, report.html, report.json and the PNGs (default reports/EXPERIMENT)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers, for the experiment's config (default $ABSTREAM_KAFKA_BOOTSTRAP)")
+    p.add_argument("--json", action="store_true", help="print the report's numbers as JSON")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("experiment", help="define experiments and start, pause, stop, list or show them")
     common = _Parser(add_help=False)
