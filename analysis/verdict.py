@@ -117,7 +117,8 @@ def decide(policy: DecisionPolicy, primary_metric: str, primary: Mapping[str, Mo
     alpha_each = policy.alpha / max(1, len(treatments))
     arms = {v: primary.get(v) for v in variants}
     counts = [exposures.get(v, 0) for v in variants]
-    srm_p = sequential_srm_pvalue(counts, [weights[v] for v in variants]) if sum(counts) and check_srm else math.nan
+    check_srm = check_srm and len(variants) >= 2 and sum(counts) > 0
+    srm_p = sequential_srm_pvalue(counts, [weights[v] for v in variants]) if check_srm else math.nan
     primary_results = tuple(_comparisons(primary_metric, {v: a for v, a in arms.items() if a is not None}, policy, alpha_each))
 
     secondary_results: list[ArmComparison] = []

@@ -48,6 +48,9 @@ PREDICTION_LATENCY = Histogram(
     "abstream_prediction_latency_seconds", "Model latency reported by prediction events.", ["experiment", "variant"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+EVALUATION_ERRORS = Counter(
+    "abstream_evaluation_errors_total", "Looks at an experiment that failed with an error (see the worker log).", ["experiment"]
+)
 ALERTS = Counter(
     "abstream_alerts_total", "Guardrail alerts raised (state transitions, not repeats).", ["experiment", "guardrail", "severity"]
 )

@@ -57,7 +57,10 @@ def policy_of(config: Any) -> DecisionPolicy:
 
 
 def evaluate(config: Any, partial: Partial, weights: dict[str, float] | None = None) -> Decision:
-    """The decision for an experiment's merged statistics under the allocation in force."""
+    """The decision for an experiment's merged statistics under the allocation in force.
+    The sample ratio is checked only while the configured fixed split is in force: after a
+    canary step, a bandit update or a kill, the counts come from several splits."""
+    check_srm = srm_applies(config, weights)
     weights = weights or config.weights
     return decide(
         policy_of(config),
@@ -67,7 +70,7 @@ def evaluate(config: Any, partial: Partial, weights: dict[str, float] | None = N
         partial.exposures(),
         {v: w for v, w in weights.items() if w > 0},
         partial.runtime_s,
-        check_srm=config.allocation.value == "fixed",
+        check_srm=check_srm,
     )
 
 
@@ -86,6 +89,10 @@ def guardrail_specs(config: Any) -> list[GuardrailSpec]:
     if config.allocation.value != "fixed":
         specs = [s for s in specs if s.kind != "srm"]
     return specs
+
+
+def srm_applies(config: Any, weights: dict[str, float] | None) -> bool:
+    return config.allocation.value == "fixed" and (weights is None or weights == config.weights)
 
 
 def experiment_health(config: Any, partial: Partial, weights: dict[str, float]) -> ExperimentHealth:
@@ -150,7 +157,7 @@ def control(config: Any, partial: Partial, state: ControlState, now_ms: int) -> 
     actions = ControlActions()
     weights = dict(state.weights or config.weights)
     watermark = partial.watermark_ms
-    specs = {s.name: s for s in guardrail_specs(config)}
+    specs = {s.name: s for s in guardrail_specs(config) if s.kind != "srm" or srm_applies(config, state.weights)}
     readings = read_guardrails(list(specs.values()), experiment_health(config, partial, weights))
     guardrails, transitions = transition(state.guardrails, readings)
     killed = dict(state.killed)

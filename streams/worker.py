@@ -132,7 +132,11 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             stored = experiment_partials.data.get(experiment_id)
             if config is None or stored is None:
                 continue
-            await evaluate_experiment(config, stored)
+            try:
+                await evaluate_experiment(config, stored)
+            except Exception:  # one experiment's failure must not stop the others or the worker
+                metrics.EVALUATION_ERRORS.labels(experiment_id).inc()
+                log.exception("evaluating experiment %s failed", experiment_id)
 
     async def evaluate_experiment(config, stored: dict) -> None:
         now_ms = int(time.time() * 1000)

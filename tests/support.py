@@ -29,3 +29,29 @@ def make_settings(bootstrap: str, tmp: Path, clickhouse_dsn: str | None = None) 
         broker_session_timeout_s=6.0,
         batch_within_s=0.1,
     )
+
+
+def read_all(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
+    """Every message of a topic (all partitions, from the beginning, up to its end now)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"{settings.topic_prefix}test-reader",
+                                                  "enable.auto.commit": "false"}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=timeout_s).topics[topic].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1] for p in partitions}
+        consumer.assign([TopicPartition(topic, p, 0) for p, end in ends.items() if end > 0])
+        pending = {p: end for p, end in ends.items() if end > 0}
+        messages = []
+        while pending:
+            message = consumer.poll(timeout_s)
+            if message is None:
+                raise TimeoutError(f"{topic} did not deliver up to its end")
+            if message.error() is not None:
+                continue
+            messages.append(message)
+            if message.offset() + 1 >= pending.get(message.partition(), 0):
+                pending.pop(message.partition(), None)
+        return messages
+    finally:
+        consumer.close()

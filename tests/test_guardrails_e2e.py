@@ -1,0 +1,181 @@
+"""Guardrails that act, end to end: real broker, a real worker process, Avro alerts,
+kill switches and allocations read back from their topics."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from streams.codec import Codec, ControlKind, EventKind
+from streams.experiments import ExperimentConfig, publish_config, start
+from streams.processes import start_worker, stop_worker, wait_healthy
+from streams.scenario import ArmTruth, ExperimentScenario, scenario_events, shadow_events
+from streams.simulate import SimulatedMessage, publish
+from streams.topics import ALERTS, ALLOCATIONS, KILLSWITCH, ensure_topics
+from tests.support import read_all
+
+pytestmark = pytest.mark.kafka
+CODEC = Codec()
+
+
+def config(experiment_id: str, **fields) -> ExperimentConfig:
+    mapping = {"experiment_id": experiment_id, "variants": ["control", "treatment"], "control": "control",
+               "primary_metric": {"name": "conversion", "kind": "binary"}, "attribution_window_s": 3600, **fields}
+    return start(ExperimentConfig.from_mapping(mapping))
+
+
+def messages(events) -> list[SimulatedMessage]:
+    return [SimulatedMessage(kind, r["unit_id"].encode(), CODEC.encode(kind, r), r) for _, kind, r in events]
+
+
+def records(settings, topic: str, kind: ControlKind, experiment_id: str) -> list[dict]:
+    decoded = [CODEC.decode(kind, m.value()) for m in read_all(settings, settings.topic(topic))]
+    return [r for r in decoded if r["experiment_id"] == experiment_id]
+
+
+def wait_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return value
+
+
+def feed_as_it_happens(settings, events, chunks: int) -> None:
+    """Publish in event-time order, a chunk at a time, each once a decision has seen the last:
+    canary steps last a stretch of event time, so the stream must not arrive all at once."""
+    from streams.decisions import latest_decisions
+
+    events = sorted(events, key=lambda e: e[0])
+    size = -(-len(events) // chunks)
+    for i in range(0, len(events), size):
+        chunk = events[i:i + size]
+        publish(settings, messages(chunk))
+        newest = {}
+        for _, _, r in chunk:
+            newest[r["experiment_id"]] = max(newest.get(r["experiment_id"], 0), r["event_time"])
+
+        def seen():
+            decisions = latest_decisions(settings)
+            return all(e in decisions and decisions[e]["watermark_time"] >= t for e, t in newest.items())
+
+        wait_until(seen, 60, "a decision that includes the chunk")
+
+
+def error_phase(experiment_id: str, n: int, error_share: float, offset: int, start_ms: int) -> list:
+    """n treatment and n control predictions; a share of the treatment's fail."""
+    rng = np.random.default_rng(offset)
+    events = []
+    for i in range(n):
+        for variant in ("control", "treatment"):
+            failed = variant == "treatment" and rng.random() < error_share
+            t = start_ms + i * 20
+            events.append((t, EventKind.PREDICTION, {
+                "event_id": f"{experiment_id}-{variant}-{offset + i}", "event_time": t, "experiment_id": experiment_id,
+                "unit_id": f"{experiment_id}-{variant}-u{(offset + i) % 500}", "request_id": f"r{offset + i}",
+                "variant": variant, "model_name": "m", "model_version": variant, "score": None if failed else 0.5,
+                "label": None, "latency_ms": 30.0, "status": "error" if failed else "ok"}))
+    return events
+
+
+@pytest.fixture(scope="module")
+def run(kafka_broker, tmp_path_factory):
+    from tests.support import make_settings
+
+    tmp = tmp_path_factory.mktemp("guardrails")
+    settings = make_settings(kafka_broker, tmp)
+    ensure_topics(settings)
+    canary = {"allocation": "canary", "canary_steps": [0.1, 0.5, 1.0], "canary_min_step_s": 60, "canary_min_step_sample": 50}
+    for c in [
+        config("latency", guardrails=[{"name": "p95", "kind": "latency_p95", "threshold": 1.5,
+                                       "relative_to_control": True, "min_count": 200, "action": "kill"}]),
+        config("canary-ok", **canary),
+        config("canary-bad", **canary, guardrails=[{"name": "errors", "kind": "error_rate", "threshold": 0.05,
+                                                    "min_count": 50, "action": "kill"}]),
+        config("shadow-8"), config("shadow-2"),
+        config("rearm", guardrails=[{"name": "errors", "kind": "error_rate", "threshold": 0.05, "min_count": 100}]),
+    ]:
+        publish_config(settings, c)
+    worker = start_worker(settings, sink=False, log_path=tmp / "worker.log")
+    try:
+        wait_healthy(settings, worker)
+        slow = ExperimentScenario("latency", {"control": ArmTruth(0.1), "treatment": ArmTruth(0.1)},
+                                  {"control": 0.5, "treatment": 0.5}, units=3000, predictions_per_unit=2,
+                                  latency_regression={"treatment": 4.0}, regression_after=0.5, seed=21)
+        events = scenario_events(slow)
+        half = next(i for i, (_, k, r) in enumerate(events)
+                    if k is EventKind.ASSIGNMENT and r["unit_id"].endswith(f"u{1500:06d}"))
+        healthy = ExperimentScenario("canary-ok", {"control": ArmTruth(0.1), "treatment": ArmTruth(0.1)},
+                                     {"control": 0.6, "treatment": 0.4}, units=3000, exposures_per_s=10, seed=22)
+        erroring = ExperimentScenario("canary-bad", {"control": ArmTruth(0.1), "treatment": ArmTruth(0.1, error_rate=0.2)},
+                                      {"control": 0.6, "treatment": 0.4}, units=3000, exposures_per_s=10, seed=23)
+        feed_as_it_happens(settings, scenario_events(healthy) + scenario_events(erroring), chunks=8)
+        publish(settings, messages(events[:half]
+                                   + shadow_events("shadow-8", 3000, disagreement=0.08, seed=24)
+                                   + shadow_events("shadow-2", 3000, disagreement=0.02, seed=25)
+                                   + error_phase("rearm", 300, 0.2, 0, 1_767_225_600_000)))
+        wait_until(lambda: any(a["state"] == "firing" for a in records(settings, ALERTS, ControlKind.ALERT, "rearm")),
+                   90, "the first error-rate alert")
+        regression_published = time.time()
+        publish(settings, messages(events[half:]))
+        kill = wait_until(lambda: [k for k in records(settings, KILLSWITCH, ControlKind.KILLSWITCH, "latency")
+                                   if k["action"] == "kill"], 90, "the latency kill switch")
+        kill_ms = next(m.timestamp()[1] for m in read_all(settings, settings.topic(KILLSWITCH))
+                       if CODEC.decode(ControlKind.KILLSWITCH, m.value())["experiment_id"] == "latency")
+        print(f"\nfrom the regression's publication to the kill switch: {kill_ms / 1000 - regression_published:.2f} s")
+        publish(settings, messages(error_phase("rearm", 3000, 0.0, 300, 1_767_225_700_000)))
+        wait_until(lambda: any(a["state"] == "resolved" for a in records(settings, ALERTS, ControlKind.ALERT, "rearm")),
+                   90, "the error-rate alert to resolve")
+        publish(settings, messages(error_phase("rearm", 600, 0.5, 3300, 1_767_225_800_000)))
+        wait_until(lambda: len([a for a in records(settings, ALERTS, ControlKind.ALERT, "rearm") if a["state"] == "firing"]) >= 2,
+                   90, "the error-rate alert to fire again")
+        wait_until(lambda: [k for k in records(settings, KILLSWITCH, ControlKind.KILLSWITCH, "canary-ok")
+                            if k["action"] == "promote"], 90, "the healthy canary's promotion")
+        wait_until(lambda: [a for a in records(settings, ALERTS, ControlKind.ALERT, "shadow-8")], 90, "the shadow alert")
+        time.sleep(3)  # looks after the last wait must not add alerts
+        yield settings, kill
+    finally:
+        stop_worker(worker)
+
+
+def test_latency_regression_raises_an_alert_and_kills_the_challenger(run):
+    settings, kill = run
+    alerts = records(settings, ALERTS, ControlKind.ALERT, "latency")
+    assert [(a["guardrail"], a["variant"], a["state"], a["severity"]) for a in alerts] == \
+        [("p95", "treatment", "firing", "critical")]
+    assert kill[0]["variant"] == "treatment" and kill[0]["alert_id"] == alerts[0]["alert_id"]
+    allocations = records(settings, ALLOCATIONS, ControlKind.ALLOCATION, "latency")
+    assert allocations[-1]["weights"] == {"control": 1.0, "treatment": 0.0} and allocations[-1]["reason"] == "rollback"
+
+
+def test_healthy_canary_walks_every_step_to_promote(run):
+    settings, _ = run
+    allocations = records(settings, ALLOCATIONS, ControlKind.ALLOCATION, "canary-ok")
+    assert [(a["weights"]["treatment"], a["reason"]) for a in allocations] == [(0.5, "canary_step"), (1.0, "promote")]
+    assert [a["version"] for a in allocations] == [1, 2]
+    orders = records(settings, KILLSWITCH, ControlKind.KILLSWITCH, "canary-ok")
+    assert [(o["action"], o["variant"]) for o in orders] == [("promote", "treatment")]
+    assert records(settings, ALERTS, ControlKind.ALERT, "canary-ok") == []
+
+
+def test_erroring_canary_is_rolled_back_at_its_current_step(run):
+    settings, _ = run
+    allocations = records(settings, ALLOCATIONS, ControlKind.ALLOCATION, "canary-bad")
+    assert [(a["weights"]["treatment"], a["reason"]) for a in allocations] == [(0.0, "rollback")]
+    orders = records(settings, KILLSWITCH, ControlKind.KILLSWITCH, "canary-bad")
+    assert [(o["action"], o["variant"]) for o in orders] == [("kill", "treatment")]
+
+
+def test_shadow_alert_at_8_percent_disagreement_not_at_2(run):
+    settings, _ = run
+    [alert] = records(settings, ALERTS, ControlKind.ALERT, "shadow-8")
+    assert (alert["guardrail"], alert["variant"], alert["state"]) == ("shadow_disagreement", "ranker:v3", "firing")
+    assert 0.06 < alert["observed"] < 0.10
+    assert records(settings, ALERTS, ControlKind.ALERT, "shadow-2") == []
+
+
+def test_alerts_are_not_repeated_and_rearm_after_recovery(run):
+    settings, _ = run
+    alerts = records(settings, ALERTS, ControlKind.ALERT, "rearm")
+    assert [(a["state"], a["alert_id"].rsplit("/", 1)[1]) for a in alerts] == [("firing", "1"), ("resolved", "1"), ("firing", "2")]
