@@ -55,6 +55,16 @@ ALERTS = Counter(
     "abstream_alerts_total", "Guardrail alerts raised (state transitions, not repeats).", ["experiment", "guardrail", "severity"]
 )
 KILLSWITCH = Counter("abstream_killswitch_total", "Kill-switch events published, by action.", ["experiment", "action"])
+SINK_LAST_WRITE = Gauge("abstream_sink_last_write_timestamp_seconds", "Unix time of the sink's last successful write.")
+SHADOW_DISAGREEMENT = Gauge(
+    "abstream_shadow_disagreement_ratio", "Share of compared shadow runs where the challenger disagrees with the champion.",
+    ["experiment", "challenger"]
+)
+DRIFT_PSI = Gauge("abstream_drift_psi", "PSI of a variant's score distribution, latest hour against the first.", ["experiment", "variant"])
+EXPERIMENT_DECISION_TIME = Gauge(
+    "abstream_experiment_decision_timestamp_seconds", "Unix time of the experiment's last decision on this worker.", ["experiment"]
+)
+EXPERIMENT_CONTROL = Gauge("abstream_experiment_control", "1 on the experiment's control variant.", ["experiment", "variant"])
 EXPERIMENT_WEIGHT = Gauge("abstream_experiment_weight", "Current allocation weight per experiment and variant.", ["experiment", "variant"])
 EXPERIMENT_UNITS = Gauge("abstream_experiment_units", "Units exposed per experiment and variant.", ["experiment", "variant"])
 EXPERIMENT_LIFT = Gauge("abstream_experiment_lift", "Relative lift of the primary metric against control.", ["experiment", "variant"])
@@ -71,9 +81,11 @@ EXPERIMENT_INCONSISTENCIES = Gauge(
 _VERDICTS = ("continue", "ship", "stop_harm", "inconclusive")
 
 
-def observe_decision(record: dict) -> None:
+def observe_decision(record: dict, control: str) -> None:
     """Set the experiment gauges from a Decision record (labels: experiments and variants only)."""
     experiment = record["experiment_id"]
+    EXPERIMENT_DECISION_TIME.labels(experiment).set(record["decision_time"] / 1000)
+    EXPERIMENT_CONTROL.labels(experiment, control).set(1)
     for v in record["variants"]:
         EXPERIMENT_UNITS.labels(experiment, v["variant"]).set(v["units"])
         EXPERIMENT_WEIGHT.labels(experiment, v["variant"]).set(v["weight"])

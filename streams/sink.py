@@ -104,9 +104,12 @@ class Sink:
         while True:
             try:
                 self.write(messages)
+                metrics.SINK_LAST_WRITE.set(time.time())
                 return
             except WarehouseError as exc:
                 metrics.SINK_RETRIES.inc()
+                # The batch waits: its age is the sink's lag, and on-call should see it grow.
+                metrics.SINK_LAG_SECONDS.set(max(0.0, time.time() - min(m.timestamp()[1] for m in messages) / 1000))
                 log.warning("sink write failed, retrying in %.1f s: %s", delay_s, exc)
                 if self._stop.wait(delay_s):
                     raise

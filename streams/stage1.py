@@ -156,8 +156,10 @@ class Stage1:
                 state.expose(event["variant"], event["event_time"], window_ms, tracked)
             elif kind is EventKind.PREDICTION:
                 state.predicted(event)
-                metrics.PREDICTIONS.labels(event["experiment_id"], event["variant"], event["status"]).inc()
-                metrics.PREDICTION_LATENCY.labels(event["experiment_id"], event["variant"]).observe(event["latency_ms"] / 1000)
+                # Label values are bounded by the config: a router's typo must not create series.
+                variant = event["variant"] if event["variant"] in config.weights else "unknown"
+                metrics.PREDICTIONS.labels(event["experiment_id"], variant, event["status"]).inc()
+                metrics.PREDICTION_LATENCY.labels(event["experiment_id"], variant).observe(event["latency_ms"] / 1000)
             elif kind is EventKind.OUTCOME:
                 state.outcome(event["metric"], event["event_time"], event["value"], window_ms, tracked)
             else:

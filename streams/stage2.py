@@ -144,6 +144,7 @@ class ControlActions:
     killswitches: list[dict] = field(default_factory=list)
     allocations: list[dict] = field(default_factory=list)
     promoted: str | None = None
+    readings: list = field(default_factory=list)
 
 
 def _without(weights: dict[str, float], variant: str, control: str) -> dict[str, float]:
@@ -160,6 +161,7 @@ def control(config: Any, partial: Partial, state: ControlState, now_ms: int) -> 
     specs = {s.name: s for s in guardrail_specs(config) if s.kind != "srm" or srm_applies(config, state.weights)}
     readings = read_guardrails(list(specs.values()), experiment_health(config, partial, weights))
     guardrails, transitions = transition(state.guardrails, readings)
+    actions.readings = readings
     killed = dict(state.killed)
     canary = state.canary
     allocation_version, killswitch_version = state.allocation_version, state.killswitch_version

@@ -154,12 +154,17 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             log.warning("alert %s %s: %s", alert["state"], alert["alert_id"], alert["evidence"])
         for order in actions.killswitches:
             metrics.KILLSWITCH.labels(config.experiment_id, order["action"]).inc()
+        for r in actions.readings:
+            if r.observed is not None and r.kind == "shadow_disagreement":
+                metrics.SHADOW_DISAGREEMENT.labels(config.experiment_id, r.variant).set(r.observed)
+            elif r.observed is not None and r.kind == "drift":
+                metrics.DRIFT_PSI.labels(config.experiment_id, r.variant).set(r.observed)
         if new_state.to_dict() != state.to_dict():
             stored = {**stored, "control": new_state.to_dict()}
             write_table(experiment_partials, stored["partition"], config.experiment_id, stored)
         record = decision_record(config, evaluate(config, partial, new_state.weights), partial, now_ms, new_state.weights)
         latest_decisions[config.experiment_id] = record
-        metrics.observe_decision(record)
+        metrics.observe_decision(record, config.control)
         await decisions_topic.send(key=key, value=codec.encode(ControlKind.DECISION, record))
 
     @app.on_partitions_revoked.connect
