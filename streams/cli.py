@@ -336,7 +336,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.json:
             rows = collect(config, query)
         else:
-            with Progress(transient=True) as progress:
+            from rich.console import Console
+
+            with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("reading ClickHouse", total=collect_steps(config))
                 rows = collect(config, query, on_step=lambda name: progress.update(
                     task, advance=1, description=f"reading ClickHouse: {name}"))
