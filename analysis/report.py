@@ -518,7 +518,7 @@ def sections(report: Report) -> list[tuple[str, list[Block]]]:
     shadow_blocks: list[Block] = []
     if report.rows.shadow:
         shadow_blocks.append(("table", ["challenger", "runs", "ok", "errors", "timeouts", "compared", "disagreement",
-                                        "mean |score diff|", "latency diff ms (mean / p95)"],
+                                        "mean abs score diff", "latency diff ms (mean / p95)"],
                               [[r["challenger"], f"{r['runs']:,}", f"{r['ok']:,}", f"{r['errors']:,}", f"{r['timeouts']:,}",
                                 f"{r['compared_runs']:,}", _num(r["disagreements"] / r["compared_runs"] if r["compared_runs"] else None, ".2%"),
                                 _num(r["mean_abs_score_diff"], ".3f"),
