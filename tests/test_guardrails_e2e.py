@@ -95,6 +95,7 @@ def run(kafka_broker, tmp_path_factory):
                                                     "min_count": 50, "action": "kill"}]),
         config("shadow-8"), config("shadow-2"),
         config("rearm", guardrails=[{"name": "errors", "kind": "error_rate", "threshold": 0.05, "min_count": 100}]),
+        config("bandit", allocation="thompson"),
     ]:
         publish_config(settings, c)
     worker = start_worker(settings, sink=False, log_path=tmp / "worker.log")
@@ -111,7 +112,9 @@ def run(kafka_broker, tmp_path_factory):
         erroring = ExperimentScenario("canary-bad", {"control": ArmTruth(0.1), "treatment": ArmTruth(0.1, error_rate=0.2)},
                                       {"control": 0.6, "treatment": 0.4}, units=3000, exposures_per_s=10, seed=23)
         feed_as_it_happens(settings, scenario_events(healthy) + scenario_events(erroring), chunks=8)
-        publish(settings, messages(events[:half]
+        better_arm = ExperimentScenario("bandit", {"control": ArmTruth(0.10), "treatment": ArmTruth(0.25)},
+                                        {"control": 0.5, "treatment": 0.5}, units=2000, mean_lag_s=30, seed=26)
+        publish(settings, messages(events[:half] + scenario_events(better_arm)
                                    + shadow_events("shadow-8", 3000, disagreement=0.08, seed=24)
                                    + shadow_events("shadow-2", 3000, disagreement=0.02, seed=25)
                                    + error_phase("rearm", 300, 0.2, 0, 1_767_225_600_000)))
@@ -179,3 +182,13 @@ def test_alerts_are_not_repeated_and_rearm_after_recovery(run):
     settings, _ = run
     alerts = records(settings, ALERTS, ControlKind.ALERT, "rearm")
     assert [(a["state"], a["alert_id"].rsplit("/", 1)[1]) for a in alerts] == [("firing", "1"), ("resolved", "1"), ("firing", "2")]
+
+
+def test_bandit_moves_traffic_to_the_better_arm_with_a_floor(run):
+    settings, _ = run
+    allocations = records(settings, ALLOCATIONS, ControlKind.ALLOCATION, "bandit")
+    assert allocations and {a["reason"] for a in allocations} == {"bandit"}
+    assert [a["version"] for a in allocations] == list(range(1, len(allocations) + 1))
+    final = allocations[-1]["weights"]
+    assert final["treatment"] > 0.9 and final["control"] >= 0.05 - 1e-12
+    assert abs(sum(final.values()) - 1.0) < 1e-9
