@@ -378,7 +378,8 @@ def child(cfg: dict) -> None:
 
 
 def run_faust(base: dict, name: str, out_dir: Path, timeout_s: float, **cfg: Any) -> dict:
-    cfg = {**base, **cfg, "app_id": f"probe-{name}-{uuid.uuid4().hex[:6]}"}
+    # The app id names Faust's internal topics: only [a-zA-Z0-9._-] are legal there.
+    cfg = {**base, **cfg, "app_id": f"probe-{name.replace('+', '_')}-{uuid.uuid4().hex[:6]}"}
     result_file = out_dir / f"faust-{name}.json"
     result_file.unlink(missing_ok=True)
     cfg["result"] = str(result_file)
