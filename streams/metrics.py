@@ -55,6 +55,7 @@ ALERTS = Counter(
     "abstream_alerts_total", "Guardrail alerts raised (state transitions, not repeats).", ["experiment", "guardrail", "severity"]
 )
 KILLSWITCH = Counter("abstream_killswitch_total", "Kill-switch events published, by action.", ["experiment", "action"])
+UNIT_STATES = Gauge("abstream_unit_states", "Unit states (experiment x unit) held by this worker's stage 1.")
 SINK_LAST_WRITE = Gauge("abstream_sink_last_write_timestamp_seconds", "Unix time of the sink's last successful write.")
 SHADOW_DISAGREEMENT = Gauge(
     "abstream_shadow_disagreement_ratio", "Share of compared shadow runs where the challenger disagrees with the champion.",

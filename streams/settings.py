@@ -42,6 +42,7 @@ class Settings:
     batch_max_events: int = 2000
     batch_within_s: float = 0.2
     decision_interval_s: float = 1.0
+    exposure_retention_s: float = 7 * 24 * 3600.0
     broker_session_timeout_s: float = 30.0
 
     @classmethod
@@ -64,6 +65,7 @@ class Settings:
             batch_max_events=_int(env, "ABSTREAM_BATCH_MAX_EVENTS", cls.batch_max_events),
             batch_within_s=_float(env, "ABSTREAM_BATCH_WITHIN_S", cls.batch_within_s),
             decision_interval_s=_float(env, "ABSTREAM_DECISION_INTERVAL_S", cls.decision_interval_s),
+            exposure_retention_s=_float(env, "ABSTREAM_EXPOSURE_RETENTION_S", cls.exposure_retention_s),
             broker_session_timeout_s=_float(
                 env, "ABSTREAM_BROKER_SESSION_TIMEOUT_S", cls.broker_session_timeout_s
             ),
@@ -113,6 +115,7 @@ class Settings:
             "ABSTREAM_BATCH_MAX_EVENTS": str(self.batch_max_events),
             "ABSTREAM_BATCH_WITHIN_S": str(self.batch_within_s),
             "ABSTREAM_DECISION_INTERVAL_S": str(self.decision_interval_s),
+            "ABSTREAM_EXPOSURE_RETENTION_S": str(self.exposure_retention_s),
             "ABSTREAM_BROKER_SESSION_TIMEOUT_S": str(self.broker_session_timeout_s),
         }
         by_key = {key: var for var, key in _KAFKA_PASSTHROUGH.items()}

@@ -74,6 +74,9 @@ class Stage1:
         self.dirty: set[tuple[int, str]] = set()
         # Next offset to process per (topic, partition): the input lag is measured against it.
         self.positions: dict[tuple[str, int], int] = {}
+        # Experiments whose unit state was expired: events of stopped experiments never
+        # create state again, so they need no second scan.
+        self.expired: set[str] = set()
 
     def forget_partitions(self, partitions: Iterable[int]) -> None:
         """Drop partials of partitions this worker no longer owns (they are rebuilt from the
@@ -166,8 +169,27 @@ class Stage1:
                 state.shadowed(event)
         return changed
 
+    def expire(self, experiment_ids: set[str]) -> list[tuple[int, str]]:
+        """Forget the unit states and partials of these experiments; returns the (partition,
+        key) of every unit state to delete from the table."""
+        experiment_ids = experiment_ids - self.expired
+        if not experiment_ids:
+            return []
+        self.expired |= experiment_ids
+        for partials in self.partials.values():
+            for experiment_id in experiment_ids:
+                partials.pop(experiment_id, None)
+        return [(p, key) for key, _ in self.scan_units()
+                for p, experiment_id, _ in [split_unit_key(key)] if experiment_id in experiment_ids]
+
     def take_dirty(self) -> list[tuple[int, str, Partial]]:
         """The partials changed since the last call, to be published."""
         dirty, self.dirty = self.dirty, set()
         return [(p, e, self.partials[p][e]) for p, e in sorted(dirty) if p in self.partials]
 
+
+
+def expired(configs: dict[str, Any], now_ms: int, retention_s: float) -> set[str]:
+    """Experiments stopped more than ``retention_s`` ago: their unit state can go."""
+    return {e for e, c in configs.items()
+            if c.status.value == "stopped" and c.updated_time_ms + retention_s * 1000 <= now_ms}

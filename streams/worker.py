@@ -31,7 +31,7 @@ from streams.codec import Codec, ControlKind, schema_source
 from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.sink import Sink
-from streams.stage1 import Stage1
+from streams.stage1 import Stage1, expired
 from streams.stage2 import ControlState, control, decision_record, evaluate, merged_partial, with_partial
 from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, deadletter_headers,
                             input_topic_names)
@@ -50,6 +50,12 @@ def write_table(table: faust.Table, partition: int, key: Any, value: Any) -> Non
     """
     table.data[key] = value
     table.send_changelog(partition, key, value)
+
+
+def delete_from_table(table: faust.Table, partition: int, key: Any) -> None:
+    """Remove a table key and send its tombstone to ``partition`` (see :func:`write_table`)."""
+    table.data.pop(key, None)
+    table.send_changelog(partition, key, None, value_serializer="raw")
 
 
 def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehouse: Warehouse | None = None) -> faust.App:
@@ -166,6 +172,14 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         latest_decisions[config.experiment_id] = record
         metrics.observe_decision(record, config.control)
         await decisions_topic.send(key=key, value=codec.encode(ControlKind.DECISION, record))
+
+    @app.timer(interval=max(settings.decision_interval_s, 10.0))
+    async def retention():
+        # Unit state of experiments stopped longer than the retention is deleted (tombstoned).
+        gone = expired(experiments.all(), int(time.time() * 1000), settings.exposure_retention_s)
+        for partition, key in stage1.expire(gone):
+            delete_from_table(units, partition, key)
+        metrics.UNIT_STATES.set(len(units.data))
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):

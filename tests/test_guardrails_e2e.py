@@ -3,12 +3,14 @@ kill switches and allocations read back from their topics."""
 from __future__ import annotations
 
 import time
+import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from streams.codec import Codec, ControlKind, EventKind
-from streams.experiments import ExperimentConfig, publish_config, start
+from streams.experiments import ExperimentConfig, publish_config, start, stop
 from streams.processes import start_worker, stop_worker, wait_healthy
 from streams.scenario import ArmTruth, ExperimentScenario, scenario_events, shadow_events
 from streams.simulate import SimulatedMessage, publish
@@ -40,6 +42,12 @@ def wait_until(condition, timeout_s: float, what: str):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
     return value
+
+
+def unit_states(settings) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics", timeout=10) as r:
+        line = next(l for l in r.read().decode().splitlines() if l.startswith("abstream_unit_states "))
+    return float(line.split()[1])
 
 
 def feed_as_it_happens(settings, events, chunks: int) -> None:
@@ -84,7 +92,7 @@ def run(kafka_broker, tmp_path_factory):
     from tests.support import make_settings
 
     tmp = tmp_path_factory.mktemp("guardrails")
-    settings = make_settings(kafka_broker, tmp)
+    settings = replace(make_settings(kafka_broker, tmp), exposure_retention_s=0)
     ensure_topics(settings)
     canary = {"allocation": "canary", "canary_steps": [0.1, 0.5, 1.0], "canary_min_step_s": 60, "canary_min_step_sample": 50}
     for c in [
@@ -137,13 +145,17 @@ def run(kafka_broker, tmp_path_factory):
                             if k["action"] == "promote"], 90, "the healthy canary's promotion")
         wait_until(lambda: [a for a in records(settings, ALERTS, ControlKind.ALERT, "shadow-8")], 90, "the shadow alert")
         time.sleep(3)  # looks after the last wait must not add alerts
-        yield settings, kill
+        units_before = unit_states(settings)
+        publish_config(settings, stop(config("rearm", guardrails=[{"name": "errors", "kind": "error_rate",
+                                                                   "threshold": 0.05, "min_count": 100}])))
+        units_after = wait_until(lambda: (n := unit_states(settings)) < units_before and n, 60, "rearm's units to expire")
+        yield settings, kill, units_before - units_after
     finally:
         stop_worker(worker)
 
 
 def test_latency_regression_raises_an_alert_and_kills_the_challenger(run):
-    settings, kill = run
+    settings, kill, _ = run
     alerts = records(settings, ALERTS, ControlKind.ALERT, "latency")
     assert [(a["guardrail"], a["variant"], a["state"], a["severity"]) for a in alerts] == \
         [("p95", "treatment", "firing", "critical")]
@@ -153,7 +165,7 @@ def test_latency_regression_raises_an_alert_and_kills_the_challenger(run):
 
 
 def test_healthy_canary_walks_every_step_to_promote(run):
-    settings, _ = run
+    settings, _, _ = run
     allocations = records(settings, ALLOCATIONS, ControlKind.ALLOCATION, "canary-ok")
     assert [(a["weights"]["treatment"], a["reason"]) for a in allocations] == [(0.5, "canary_step"), (1.0, "promote")]
     assert [a["version"] for a in allocations] == [1, 2]
@@ -163,7 +175,7 @@ def test_healthy_canary_walks_every_step_to_promote(run):
 
 
 def test_erroring_canary_is_rolled_back_at_its_current_step(run):
-    settings, _ = run
+    settings, _, _ = run
     allocations = records(settings, ALLOCATIONS, ControlKind.ALLOCATION, "canary-bad")
     assert [(a["weights"]["treatment"], a["reason"]) for a in allocations] == [(0.0, "rollback")]
     orders = records(settings, KILLSWITCH, ControlKind.KILLSWITCH, "canary-bad")
@@ -171,7 +183,7 @@ def test_erroring_canary_is_rolled_back_at_its_current_step(run):
 
 
 def test_shadow_alert_at_8_percent_disagreement_not_at_2(run):
-    settings, _ = run
+    settings, _, _ = run
     [alert] = records(settings, ALERTS, ControlKind.ALERT, "shadow-8")
     assert (alert["guardrail"], alert["variant"], alert["state"]) == ("shadow_disagreement", "ranker:v3", "firing")
     assert 0.06 < alert["observed"] < 0.10
@@ -179,16 +191,21 @@ def test_shadow_alert_at_8_percent_disagreement_not_at_2(run):
 
 
 def test_alerts_are_not_repeated_and_rearm_after_recovery(run):
-    settings, _ = run
+    settings, _, _ = run
     alerts = records(settings, ALERTS, ControlKind.ALERT, "rearm")
     assert [(a["state"], a["alert_id"].rsplit("/", 1)[1]) for a in alerts] == [("firing", "1"), ("resolved", "1"), ("firing", "2")]
 
 
 def test_bandit_moves_traffic_to_the_better_arm_with_a_floor(run):
-    settings, _ = run
+    settings, _, _ = run
     allocations = records(settings, ALLOCATIONS, ControlKind.ALLOCATION, "bandit")
     assert allocations and {a["reason"] for a in allocations} == {"bandit"}
     assert [a["version"] for a in allocations] == list(range(1, len(allocations) + 1))
     final = allocations[-1]["weights"]
     assert final["treatment"] > 0.9 and final["control"] >= 0.05 - 1e-12
     assert abs(sum(final.values()) - 1.0) < 1e-9
+
+
+def test_unit_state_of_a_stopped_experiment_expires_after_the_retention(run):
+    _, _, expired_units = run
+    assert expired_units == 1000  # rearm's 500 units per variant, retention 0 in this run
