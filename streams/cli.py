@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import sys
 import urllib.error
 import urllib.parse
@@ -103,9 +101,10 @@ def _publish_with_progress(settings: Settings, messages, *, quiet: bool) -> int:
     return delivered
 
 
-def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
+def run_query(settings: Settings, sql: str, parameters: Mapping[str, Any] | None = None) -> tuple[list[str], list[list]]:
     """Columns and rows of a read-only query: through the sink-holding worker's loopback
-    endpoint while it owns the embedded ClickHouse, else directly."""
+    endpoint while it owns the embedded ClickHouse, else directly. ``parameters`` bind the
+    query's ``{name:Type}`` placeholders in ClickHouse itself, on both paths."""
     from streams.warehouse import Warehouse
     from streams.worker import sink_endpoint_file
 
@@ -113,7 +112,8 @@ def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
     if settings.embedded_clickhouse and endpoint.exists():
         owner = json.loads(endpoint.read_text())
         if _alive(owner["pid"]):
-            url = owner["url"] + "/sql?" + urllib.parse.urlencode({"query": sql})
+            arguments = {"query": sql, **({"params": json.dumps(dict(parameters))} if parameters else {})}
+            url = owner["url"] + "/sql?" + urllib.parse.urlencode(arguments)
             try:
                 with urllib.request.urlopen(url, timeout=60) as response:
                     body = json.loads(response.read())
@@ -122,7 +122,7 @@ def run_query(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
             except urllib.error.URLError as exc:
                 raise CommandError(f"the worker that owns ClickHouse does not answer at {owner['url']}: {exc.reason}") from None
             return body["columns"], body["rows"]
-    result = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database).query(sql)
+    result = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database).query(sql, parameters)
     return list(result.column_names), [list(r) for r in result.rows]
 
 
@@ -279,41 +279,11 @@ def render_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-_PLACEHOLDER = re.compile(r"\{(\w+):(\w+)\}")
-
-
-def inline_parameters(sql: str, parameters: Mapping[str, Any]) -> str:
-    """SQL for a transport that takes no parameters (the sink worker's /sql endpoint): each
-    ``{name:Type}`` placeholder becomes a literal that cannot break out of its place --
-    strings as ``unhex('<hex>')``, numbers as their decimal form. The direct path sends
-    parameters to ClickHouse instead."""
-    def literal(match: re.Match) -> str:
-        name, type_ = match.group(1), match.group(2)
-        value = parameters[name]
-        if type_ == "String":
-            return f"unhex('{str(value).encode().hex()}')"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise CommandError(f"parameter {name} must be a finite number for {type_}, got {value!r}")
-        return str(int(value)) if type_.startswith(("Int", "UInt")) else repr(float(value))
-
-    return _PLACEHOLDER.sub(literal, sql)
 
 
 def report_query(settings: Settings):
-    """The report's ``query(sql, parameters) -> (columns, rows)``: through the sink-holding
-    worker's loopback endpoint while it owns the embedded ClickHouse (as ``run_query``),
-    else directly with server-side parameters."""
-    from streams.warehouse import Warehouse
-    from streams.worker import sink_endpoint_file
-
-    def query(sql: str, parameters: Mapping[str, Any]) -> tuple[list[str], list[list]]:
-        endpoint = sink_endpoint_file(settings)
-        if settings.embedded_clickhouse and endpoint.exists() and _alive(json.loads(endpoint.read_text())["pid"]):
-            return run_query(settings, inline_parameters(sql, parameters))
-        result = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database).query(sql, parameters)
-        return list(result.column_names), [list(r) for r in result.rows]
-
-    return query
+    """The report's ``query(sql, parameters) -> (columns, rows)`` (see :func:`run_query`)."""
+    return lambda sql, parameters: run_query(settings, sql, parameters)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

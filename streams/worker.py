@@ -211,7 +211,11 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             return web.json({"error": "SQL is served to loopback clients only"}, status=403)
         sql = request.query.get("query", "")
         try:
-            result = await app.loop.run_in_executor(None, warehouse.query, sql)
+            parameters = json.loads(request.query.get("params", "{}"))
+        except json.JSONDecodeError:
+            return web.json({"error": "params must be a JSON object of query parameters"}, status=400)
+        try:
+            result = await app.loop.run_in_executor(None, warehouse.query, sql, parameters or None)
         except WarehouseError as exc:
             return web.json({"error": str(exc)}, status=400)
         return web.bytes(
