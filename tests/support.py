@@ -55,3 +55,114 @@ def read_all(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
         return messages
     finally:
         consumer.close()
+
+
+# --- fault tests: worker processes, consumer-group lag, memory, failure injection ---------
+
+def start_worker_process(settings: Settings, *, sink: bool, log_path: Path, loglevel: str = "info",
+                         env: dict[str, str] | None = None):
+    """A worker like streams.processes.start_worker, with a log level (Faust logs rebalances
+    and table recovery at info) and extra environment (failure-injection hooks)."""
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "streams.cli", "worker", "--loglevel", loglevel] + (["--sink"] if sink else [])
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, env={**os.environ, **settings.to_env(), **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_worker(process) -> None:
+    """kill -9 of the worker's whole process group: no shutdown code runs."""
+    import os
+    import signal
+
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def group_lag(settings: Settings, group: str, topics: list[str], timeout_s: float = 10.0) -> dict[str, int]:
+    """Messages beyond a consumer group's committed offsets, per topic (the group's real lag:
+    what it would read again after a crash)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": "false"}))
+    try:
+        partitions = [TopicPartition(t, p) for t in topics
+                      for p in consumer.list_topics(t, timeout=timeout_s).topics[t].partitions]
+        lag: dict[str, int] = {t: 0 for t in topics}
+        for tp in consumer.committed(partitions, timeout=timeout_s):
+            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout_s)
+            lag[tp.topic] += high - (tp.offset if tp.offset >= 0 else low)
+        return lag
+    finally:
+        consumer.close()
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS for pid {pid}")
+
+
+CLICKHOUSE_FAULT_FILE_VAR = "ABSTREAM_TEST_FAULT_CLICKHOUSE_UNTIL_FILE"
+
+# Installed as sitecustomize on a worker's PYTHONPATH by clickhouse_fault_env: it wraps the
+# real clickhouse-connect client at the client boundary, so that every query, insert and
+# command raises the driver's own OperationalError while the Unix time written in the file
+# named by the variable lies in the future. Everything above the client (streams.warehouse,
+# the sink's retries) runs unchanged.
+_CLICKHOUSE_FAULT_HOOK = '''
+import os, time
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import OperationalError
+
+_until_file = os.environ.get("{var}")
+_real_get_client = clickhouse_connect.get_client
+
+
+def _failing():
+    try:
+        with open(_until_file) as f:
+            return time.time() < float(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return False
+
+
+class _FlakyClient:
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        attribute = getattr(self._client, name)
+        if name not in ("query", "insert", "command"):
+            return attribute
+
+        def call(*args, **kwargs):
+            if _failing():
+                raise OperationalError("injected fault: ClickHouse is unreachable")
+            return attribute(*args, **kwargs)
+        return call
+
+
+def _get_client(*args, **kwargs):
+    return _FlakyClient(_real_get_client(*args, **kwargs))
+
+
+if _until_file:
+    clickhouse_connect.get_client = _get_client
+'''
+
+
+def clickhouse_fault_env(hook_dir: Path, until_file: Path) -> dict[str, str]:
+    """Environment for a worker whose ClickHouse client fails while ``until_file`` holds a
+    future Unix time (write it to start the fault; nothing in streams/ changes)."""
+    import os
+
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(_CLICKHOUSE_FAULT_HOOK.replace("{var}", CLICKHOUSE_FAULT_FILE_VAR))
+    path = os.pathsep.join(p for p in (str(hook_dir), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, CLICKHOUSE_FAULT_FILE_VAR: str(until_file)}

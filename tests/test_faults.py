@@ -1,0 +1,632 @@
+"""The fault matrix (issue 7): real broker, real worker processes, embedded ClickHouse.
+
+Each test publishes a known stream (a scenario with delayed outcomes and duplicates, plus
+malformed messages and events of an experiment nobody defined), injects one fault while the
+stream flows, lets the system settle (polls with deadlines), and then requires, exactly:
+
+- the newest decision's statistics, outcome fates and assignment inconsistencies equal the
+  ground truth computed from the published records (tests/test_engine.py's rules);
+- every ClickHouse raw table holds one row per distinct valid event, the deadletter table one
+  row per dead letter (read through the sink worker's /sql endpoint);
+- the dead-letter topic holds every rejected message, with its reason and original bytes.
+
+What is expected is never hard-coded: every published payload is classified with
+``Codec().decode`` (and the experiment catalogue) exactly as stage 1 would judge it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import struct
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import fastavro
+import numpy as np
+import pytest
+
+from streams import local_kafka
+from streams.client import EventPublisher
+from streams.codec import Codec, ControlKind, DeadLetter, EventKind, LocalCatalogue
+from streams.decisions import latest_decisions
+from streams.experiments import ExperimentConfig, publish_config, start
+from streams.processes import stop_worker, wait_healthy
+from streams.scenario import ArmTruth, ExperimentScenario, scenario_events
+from streams.settings import Settings
+from streams.simulate import malformed_payloads
+from streams.topics import DEADLETTER, INPUT_TOPICS, ensure_topics, make_producer
+from streams.warehouse import RAW_TABLES
+from tests.support import (clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings, read_all,
+                           rss_bytes, start_worker_process)
+from tests.test_engine import WINDOW_S, config_for, decision_statistics, ground_truth, sql, statistics_from_totals
+from tests.test_pipeline import scrape, total
+
+pytestmark = pytest.mark.kafka
+
+GHOST_EXPERIMENT = "ghost"
+SETTLE_S = 150
+
+
+# --- the stream: what is published and what must come out ---------------------------------
+
+@dataclass(frozen=True)
+class Outgoing:
+    kind: EventKind           # the topic it is published to
+    key: bytes | None
+    value: bytes | None
+    record: dict | None       # the generator's record, published through EventPublisher; else raw bytes
+
+
+@dataclass
+class Expected:
+    """What the engine must end with for a list of outgoing messages, in publish order."""
+
+    truths: dict[str, dict]
+    statistics: dict[str, dict]
+    rows: dict[str, int]                       # table -> rows
+    dead: dict[int, str]                       # index of a dead message -> reason
+    valid_records: dict[int, dict] = field(default_factory=dict)
+
+
+def expected_outcome(messages: list[Outgoing], configs: dict[str, ExperimentConfig]) -> Expected:
+    """Judge every payload as the engine must: the codec, then the experiment catalogue."""
+    codec = Codec()
+    by_experiment: dict[str, list] = defaultdict(list)
+    distinct: dict[EventKind, set] = defaultdict(set)
+    dead: dict[int, str] = {}
+    valid: dict[int, dict] = {}
+    for i, m in enumerate(messages):
+        decoded = codec.decode(m.kind, m.value)
+        if isinstance(decoded, DeadLetter):
+            dead[i] = decoded.reason.value
+            continue
+        valid[i] = decoded
+        distinct[m.kind].add((decoded["unit_id"], decoded["event_id"]))
+        if decoded["experiment_id"] not in configs:
+            dead[i] = "unknown_experiment"
+        else:
+            by_experiment[decoded["experiment_id"]].append((i, m.kind, decoded))
+    truths = {e: ground_truth(events, WINDOW_S) for e, events in by_experiment.items()}
+    statistics = {e: expected_statistics(configs[e], truth) for e, truth in truths.items()}
+    rows = {table: len(distinct[kind]) for kind, table in RAW_TABLES.items()}
+    rows["deadletter"] = len(dead)
+    return Expected(truths, statistics, rows, dead, valid)
+
+
+def expected_statistics(config: ExperimentConfig, truth: dict) -> dict:
+    """(metric, variant) -> (units, sums), with numpy, for every variant a unit was exposed to."""
+    names = {m.name for m in config.metrics}
+    if names == {"conversion", "revenue"} and {v for v, _ in truth["exposure"].values()} <= {"control", "treatment"}:
+        return statistics_from_totals(truth["exposure"], truth["totals"])
+    assert names == {"conversion"}, "only conversion/revenue experiments are modelled here"
+    result = {}
+    for variant in sorted({v for v, _ in truth["exposure"].values()}):
+        units = [u for u, (v, _) in truth["exposure"].items() if v == variant]
+        conversion = np.array([truth["totals"].get((u, "conversion"), 0.0) for u in units])
+        result[("conversion", variant)] = (len(units), [float(np.sum(conversion > 0))])
+    return result
+
+
+def scenario(experiment_id: str, units: int, seed: int) -> ExperimentScenario:
+    return ExperimentScenario(experiment_id, {"control": ArmTruth(0.10), "treatment": ArmTruth(0.14, revenue_per_conversion=22)},
+                              {"control": 0.5, "treatment": 0.5}, units=units, window_s=WINDOW_S, seed=seed)
+
+
+def fault_stream(units: int = 2500, malformed: int = 60, ghosts: int = 20, seed: int = 1) -> tuple[list[Outgoing], dict]:
+    """A scenario's events in arrival order (delayed outcomes, duplicates, inconsistent
+    assignments), with malformed payloads and events of an undefined experiment mixed in."""
+    s = scenario("fault", units, seed)
+    codec = Codec()
+    events = scenario_events(s)
+    messages = [Outgoing(kind, r["unit_id"].encode(), codec.encode(kind, r), r) for _, kind, r in events]
+    rng = random.Random(seed)
+    extra = [Outgoing(kind, f"fault-u{rng.randrange(units):06d}".encode(), payload, None)
+             for kind, payload in malformed_payloads(codec, malformed, seed=seed)]
+    for j, (_, kind, r) in enumerate(rng.sample(events, ghosts)):
+        r = {**r, "experiment_id": GHOST_EXPERIMENT, "event_id": f"ghost-{j}"}
+        extra.append(Outgoing(kind, r["unit_id"].encode(), codec.encode(kind, r), None))
+    for m in extra:
+        messages.insert(rng.randrange(len(messages) + 1), m)
+    return messages, {"fault": config_for(s)}
+
+
+# --- publishing while faults happen ---------------------------------------------------------
+
+class Feeder(threading.Thread):
+    """Publishes the stream at a steady rate, in order, while the test injects a fault.
+
+    Valid events go through the client library's EventPublisher (idempotent producer, retries,
+    delivery reports); payloads a service would never build (malformed bytes, hand-made
+    events) through a plain producer of the same configuration, whose delivery reports give
+    each one's (topic, partition, offset): the coordinates its dead letter must carry.
+    """
+
+    def __init__(self, settings: Settings, messages: list[Outgoing], rate_per_s: float):
+        super().__init__(name="feeder", daemon=True)
+        self.settings, self.messages, self.rate_per_s = settings, messages, rate_per_s
+        self.sent = 0
+        self.coordinates: dict[int, tuple[str, int, int]] = {}
+        self.failures: list[str] = []
+        self.publisher_stats = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # surfaced by finish()
+            self.error = exc
+
+    def _run(self) -> None:
+        publisher = EventPublisher(self.settings, max_block_s=5.0)
+        raw = make_producer(self.settings)
+
+        def report(index):
+            def on_delivery(err, msg):
+                if err is not None:
+                    self.failures.append(err.str())
+                else:
+                    self.coordinates[index] = (msg.topic(), msg.partition(), msg.offset())
+            return on_delivery
+
+        started = time.monotonic()
+        for i, m in enumerate(self.messages):
+            pause = started + i / self.rate_per_s - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)  # pacing the stream, not waiting for a condition
+            if m.record is not None:
+                assert publisher.publish(m.kind, m.record), "EventPublisher dropped an event"
+            else:
+                while True:
+                    try:
+                        raw.produce(self.settings.topic(INPUT_TOPICS[m.kind]), key=m.key, value=m.value,
+                                    on_delivery=report(i))
+                        break
+                    except BufferError:
+                        raw.poll(0.1)
+                raw.poll(0)
+            self.sent = i + 1
+        left = raw.flush(300) + publisher.close(300)
+        self.publisher_stats = publisher.stats()
+        if left:
+            self.failures.append(f"{left} messages still undelivered")
+
+    def finish(self, timeout_s: float = 360) -> None:
+        self.join(timeout_s)
+        assert not self.is_alive(), "the feeder did not finish"
+        if self.error is not None:
+            raise self.error
+        assert not self.failures, self.failures[:3]
+        stats = self.publisher_stats
+        assert stats.failed == 0 and stats.dropped == 0 and stats.pending == 0, stats
+
+
+def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def consumed(settings: Settings) -> float:
+    try:
+        return total(scrape(settings), "abstream_events_consumed_total")
+    except OSError:
+        return 0.0
+
+
+# --- settling and the exact comparison ------------------------------------------------------
+
+def input_topics(settings: Settings) -> list[str]:
+    return [settings.topic(name) for name in INPUT_TOPICS.values()]
+
+
+def table_counts(sink: Settings) -> dict[str, tuple[int, int]]:
+    """table -> (rows, distinct identities)."""
+    parts = [f"SELECT '{t}', count(), uniqExact(unit_id, event_id) FROM {{db}}.{t}" for t in RAW_TABLES.values()]
+    parts.append("SELECT 'deadletter', count(), uniqExact(topic, partition, offset) FROM {db}.deadletter")
+    return {name: (int(n), int(d)) for name, n, d in sql(sink, " UNION ALL ".join(parts))}
+
+
+def decision_view(decision: dict | None) -> dict | None:
+    if decision is None:
+        return None
+    return {"statistics": decision_statistics(decision), "outcome_fates": decision["outcome_fates"],
+            "assignment_inconsistencies": decision["assignment_inconsistencies"]}
+
+
+def expected_view(expected: Expected, experiment_id: str) -> dict:
+    truth = expected.truths[experiment_id]
+    return {"statistics": expected.statistics[experiment_id], "outcome_fates": truth["fates"],
+            "assignment_inconsistencies": truth["inconsistencies"]}
+
+
+def settle_and_check(settings: Settings, sink: Settings, expected: Expected, feeder: Feeder,
+                     messages: list[Outgoing], timeout_s: float = SETTLE_S) -> dict:
+    """Wait until both consumer groups have committed everything and the newest decisions and
+    ClickHouse counts stop moving, then require every count to be exactly the expected one."""
+    feeder.finish()
+    inputs = input_topics(settings)
+    state: dict = {}
+
+    def settled() -> bool:
+        state["worker_lag"] = group_lag(settings, f"{settings.topic_prefix}worker", inputs)
+        state["sink_lag"] = group_lag(settings, f"{settings.topic_prefix}sink", inputs + [settings.topic(DEADLETTER)])
+        decisions = latest_decisions(settings)
+        state["decisions"] = {e: decision_view(decisions.get(e)) for e in expected.truths}
+        state["counts"] = table_counts(sink)
+        return (not any(state["worker_lag"].values()) and not any(state["sink_lag"].values())
+                and all(state["decisions"][e] == expected_view(expected, e) for e in expected.truths)
+                and {t: n for t, (n, _) in state["counts"].items()} == expected.rows)
+
+    try:
+        wait_until(settled, timeout_s, "the exact counts", interval_s=1.0)
+    except AssertionError:
+        pass  # the comparisons below say what differs
+    assert not any(state["worker_lag"].values()), f"stage 1 did not commit everything: {state['worker_lag']}"
+    assert not any(state["sink_lag"].values()), f"the sink did not commit everything: {state['sink_lag']}"
+    for e in expected.truths:
+        got, want = state["decisions"][e], expected_view(expected, e)
+        assert got is not None, f"no decision for {e}"
+        assert got["outcome_fates"] == want["outcome_fates"], e
+        assert got["assignment_inconsistencies"] == want["assignment_inconsistencies"], e
+        assert got["statistics"] == want["statistics"], e
+    counts = state["counts"]
+    assert {t: n for t, (n, _) in counts.items()} == expected.rows, "ClickHouse rows per table"
+    assert all(n == d for n, d in counts.values()), f"duplicate rows in ClickHouse: {counts}"
+
+    # A decision published later must not differ: evaluate once more after two cadences.
+    time.sleep(2.5 * settings.decision_interval_s)
+    decisions = latest_decisions(settings)
+    for e in expected.truths:
+        assert decision_view(decisions[e]) == expected_view(expected, e), f"a later decision of {e} moved"
+    letters = check_deadletters(settings, expected, feeder, messages)
+    return {"counts": counts, "letters": letters}
+
+
+def check_deadletters(settings: Settings, expected: Expected, feeder: Feeder, messages: list[Outgoing]) -> int:
+    """Every rejected message is in the dead-letter topic with its reason, key and bytes;
+    returns the number of dead-letter messages (the caller decides whether repeats are allowed)."""
+    letters = read_all(settings, settings.topic(DEADLETTER), timeout_s=30)
+    by_source: dict[tuple[str, int, int], list] = defaultdict(list)
+    for letter in letters:
+        headers = {k: v.decode() for k, v in letter.headers()}
+        source = (headers["abstream.topic"], int(headers["abstream.partition"]), int(headers["abstream.offset"]))
+        by_source[source].append((headers["abstream.reason"], bool(headers["abstream.detail"]), letter.key(), letter.value()))
+    want = {feeder.coordinates[i]: (reason, True, messages[i].key, messages[i].value)
+            for i, reason in expected.dead.items()}
+    got = {source: entries[0] for source, entries in by_source.items()}
+    assert set(got) == set(want), (f"dead letters: {len(set(want) - set(got))} missing, "
+                                   f"{len(set(got) - set(want))} unexpected")
+    wrong = [(s, got[s][0], want[s][0]) for s in want if got[s] != want[s]]
+    assert not wrong, f"{len(wrong)} dead letters differ (reason, detail, key or bytes), e.g. {wrong[:3]}"
+    assert all(len(set(entries)) == 1 for entries in by_source.values()), "repeated dead letters differ"
+    return len(letters)
+
+
+# --- per-test set-up ------------------------------------------------------------------------
+
+@dataclass
+class Cluster:
+    settings: Settings
+    tmp: Path
+    workers: dict[str, object] = field(default_factory=dict)
+    worker_settings: dict[str, Settings] = field(default_factory=dict)
+
+    def start(self, name: str, *, sink: bool, env: dict | None = None, wait: bool = True):
+        s = replace(self.settings, web_port=free_port(), home=self.tmp / name) if name not in self.worker_settings \
+            else self.worker_settings[name]
+        self.worker_settings[name] = s
+        self.workers[name] = p = start_worker_process(s, sink=sink, log_path=self.tmp / f"{name}.log", env=env)
+        if wait:
+            wait_healthy(s, p, timeout_s=90)
+        return p
+
+    def log(self, name: str, tail: int = 4000) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")[-tail:]
+
+    def stop_all(self) -> None:
+        for p in self.workers.values():
+            stop_worker(p)
+
+
+def prepare(settings: Settings, configs: dict[str, ExperimentConfig]) -> None:
+    ensure_topics(settings)
+    for config in configs.values():
+        publish_config(settings, config)
+
+
+@pytest.fixture
+def cluster(kafka_broker, tmp_path):
+    c = Cluster(make_settings(kafka_broker, tmp_path, f"chdb://{tmp_path / 'worker-chdb'}"), tmp_path)
+    yield c
+    c.stop_all()
+
+
+def report(name: str, started: float, **facts) -> None:
+    print(f"\n[{name}] {time.monotonic() - started:.1f} s " + json.dumps(facts, default=str))
+
+
+# --- 1. kill -9 of the only worker, then a restart ------------------------------------------
+
+def test_kill9_of_the_only_worker_then_restart(cluster):
+    started = time.monotonic()
+    messages, configs = fault_stream(seed=1)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    worker = cluster.start("w0", sink=True)
+    s = cluster.worker_settings["w0"]
+    feeder = Feeder(cluster.settings, messages, rate_per_s=len(messages) / 15)
+    feeder.start()
+    wait_until(lambda: consumed(s) >= 0.3 * len(messages), 60, "the worker to process a third of the stream")
+    assert feeder.sent < len(messages), "the fault must come mid-stream"
+    killed_at = feeder.sent
+    kill_worker(worker)
+    assert worker.returncode == -9
+    cluster.start("w0", sink=True)  # same settings, same home and chDB directory
+    result = settle_and_check(cluster.settings, s, expected, feeder, messages)
+    assert cluster.workers["w0"].poll() is None
+    report("kill9-only-worker", started, killed_at=killed_at, of=len(messages), **result)
+
+
+# --- 2. two workers, kill -9 of the one without the sink -------------------------------------
+
+def test_kill9_of_one_of_two_workers_survivor_takes_over(cluster):
+    started = time.monotonic()
+    messages, configs = fault_stream(seed=2)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    cluster.start("w0", sink=True)
+    victim = cluster.start("w1", sink=False)
+    feeder = Feeder(cluster.settings, messages, rate_per_s=len(messages) / 15)
+    feeder.start()
+    victim_settings = cluster.worker_settings["w1"]
+    wait_until(lambda: consumed(victim_settings) >= 0.1 * len(messages), 60, "the second worker to process its share")
+    assert feeder.sent < len(messages), "the fault must come mid-stream"
+    killed_at = feeder.sent
+    kill_worker(victim)
+    del cluster.workers["w1"]
+    result = settle_and_check(cluster.settings, cluster.worker_settings["w0"], expected, feeder, messages)
+    assert cluster.workers["w0"].poll() is None
+    report("kill9-one-of-two", started, killed_at=killed_at, of=len(messages), **result)
+
+
+# --- 3. a second worker joins mid-stream, then leaves cleanly --------------------------------
+
+def test_second_worker_joins_then_leaves_cleanly(cluster):
+    started = time.monotonic()
+    messages, configs = fault_stream(seed=3)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    cluster.start("w0", sink=True)
+    feeder = Feeder(cluster.settings, messages, rate_per_s=len(messages) / 30)
+    feeder.start()
+    wait_until(lambda: feeder.sent >= 0.15 * len(messages), 30, "the stream to flow")
+    joiner = cluster.start("w1", sink=False)
+    joined_at = feeder.sent
+    s1 = cluster.worker_settings["w1"]
+    wait_until(lambda: consumed(s1) >= 0.05 * len(messages), 60, "the joining worker to take partitions")
+    left_at = feeder.sent
+    assert left_at < len(messages), "the worker must leave mid-stream"
+    stop_worker(joiner)
+    assert joiner.returncode == 0, cluster.log("w1")
+    del cluster.workers["w1"]
+    result = settle_and_check(cluster.settings, cluster.worker_settings["w0"], expected, feeder, messages)
+    assert result["letters"] == len(expected.dead), "a clean hand-over repeats no dead letter"
+    report("join-then-leave", started, joined_at=joined_at, left_at=left_at, of=len(messages), **result)
+
+
+# --- 4. the broker is down for 30 s ---------------------------------------------------------
+
+@pytest.fixture
+def dedicated_broker(tmp_path):
+    data_dir = tmp_path / "kafka"
+    port, controller_port = free_port(), free_port()
+    status = local_kafka.start(data_dir=data_dir, port=port, controller_port=controller_port)
+    yield {"bootstrap": status.bootstrap, "data_dir": data_dir, "port": port, "controller_port": controller_port}
+    local_kafka.stop(data_dir=data_dir)
+
+
+def test_broker_down_for_30_seconds(dedicated_broker, tmp_path):
+    started = time.monotonic()
+    cluster = Cluster(make_settings(dedicated_broker["bootstrap"], tmp_path, f"chdb://{tmp_path / 'worker-chdb'}"),
+                      tmp_path)
+    try:
+        messages, configs = fault_stream(seed=4)
+        expected = expected_outcome(messages, configs)
+        prepare(cluster.settings, configs)
+        cluster.start("w0", sink=True)
+        cluster.start("w1", sink=False)
+        feeder = Feeder(cluster.settings, messages, rate_per_s=len(messages) / 45)
+        feeder.start()
+        wait_until(lambda: feeder.sent >= 0.25 * len(messages), 30, "the stream to flow")
+        stopped_at = feeder.sent
+        local_kafka.stop(data_dir=dedicated_broker["data_dir"])
+        down_since = time.monotonic()
+        # The outage lasts 30 s by definition: this is the fault, not a wait for a condition.
+        time.sleep(max(0.0, 30 - (time.monotonic() - down_since)))
+        restarted_at = feeder.sent
+        assert restarted_at < len(messages), "the stream must go on past the outage"
+        local_kafka.start(data_dir=dedicated_broker["data_dir"], port=dedicated_broker["port"],
+                          controller_port=dedicated_broker["controller_port"])
+        for name, p in cluster.workers.items():
+            assert p.poll() is None, f"{name} exited during the outage: {cluster.log(name)}"
+        result = settle_and_check(cluster.settings, cluster.worker_settings["w0"], expected, feeder, messages)
+        for name, p in cluster.workers.items():
+            assert p.poll() is None, f"{name} did not survive: {cluster.log(name)}"
+        report("broker-down-30s", started, stopped_at=stopped_at, restarted_at=restarted_at, of=len(messages), **result)
+    finally:
+        cluster.stop_all()
+
+
+# --- 5. ClickHouse fails for 60 s -------------------------------------------------------------
+
+def test_clickhouse_fails_for_60_seconds(cluster):
+    started = time.monotonic()
+    messages, configs = fault_stream(units=3000, seed=5)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    until_file = cluster.tmp / "clickhouse-fails-until"
+    env = clickhouse_fault_env(cluster.tmp / "fault-hook", until_file)
+    worker = cluster.start("w0", sink=True, env=env)
+    s = cluster.worker_settings["w0"]
+    sink_group, sink_topics = f"{s.topic_prefix}sink", input_topics(s)
+    feeder = Feeder(cluster.settings, messages, rate_per_s=len(messages) / 50)
+    feeder.start()
+    wait_until(lambda: total(scrape(s), "abstream_sink_rows_total") > 0, 60, "the sink to write")
+    wait_until(lambda: feeder.sent >= 0.2 * len(messages), 30, "the stream to flow")
+    rss_before = rss_bytes(worker.pid)
+    fail_until = time.time() + 60
+    until_file.write_text(str(fail_until))
+    injected_at = feeder.sent
+    samples = []
+    while time.time() < fail_until - 1:
+        metrics = scrape(s)
+        samples.append({"t": round(time.time() - (fail_until - 60), 1), "sent": feeder.sent,
+                        "sink_lag": sum(group_lag(s, sink_group, sink_topics).values()),
+                        "stage1_lag": sum(group_lag(s, f"{s.topic_prefix}worker", sink_topics).values()),
+                        "retries": total(metrics, "abstream_sink_retries_total"),
+                        "sink_lag_seconds": total(metrics, "abstream_sink_lag_seconds"),
+                        "rss_mb": rss_bytes(worker.pid) / 2**20})
+        time.sleep(3)  # sampling interval of the observation, not a wait for a condition
+    assert worker.poll() is None, cluster.log("w0")
+    first, last = samples[1], samples[-1]
+    # Back-pressure: the sink's committed offsets stand still while the stream goes on...
+    assert last["sink_lag"] > first["sink_lag"] + 0.1 * len(messages), samples
+    # ...its failed writes are retried, and the batch waiting grows old...
+    assert last["retries"] > first["retries"] >= 1, samples
+    assert last["sink_lag_seconds"] > 30, samples
+    # ...while stage 1, which does not touch ClickHouse, keeps up,
+    assert last["stage1_lag"] < 0.05 * len(messages), samples
+    # and memory does not follow the backlog.
+    assert max(x["rss_mb"] for x in samples) - rss_before / 2**20 < 100, samples
+    result = settle_and_check(cluster.settings, s, expected, feeder, messages)
+    retries = total(scrape(s), "abstream_sink_retries_total")
+    assert worker.poll() is None
+    report("clickhouse-down-60s", started, injected_at=injected_at, of=len(messages), retries=retries,
+           rss_before_mb=rss_before / 2**20, samples=samples[::4] + samples[-1:], **result)
+
+
+# --- 6. ten thousand fuzzed messages ----------------------------------------------------------
+
+FUZZ_TARGET = "fuzz-target"
+
+
+def fuzz_payloads(bases: list[tuple[EventKind, dict]], n: int, seed: int) -> list[Outgoing]:
+    """n hostile messages built from valid records: random bytes, random bodies behind a real
+    header, truncated and bit-flipped Avro, wrong schema ids, wrong types, huge strings, NaN
+    and infinities, absurd timestamps and latencies, unknown experiments, empty ids."""
+    rng = random.Random(seed)
+    codec, catalogue = Codec(), LocalCatalogue()
+    ids = {kind: catalogue.id_for(kind) for kind in EventKind}
+    floats = {EventKind.PREDICTION: ("score", "latency_ms"), EventKind.SHADOW: ("champion_score", "champion_latency_ms"),
+              EventKind.OUTCOME: ("value",), EventKind.ASSIGNMENT: ()}
+    latencies = {EventKind.PREDICTION: "latency_ms", EventKind.SHADOW: "champion_latency_ms"}
+    retyped_writers = {}
+    for kind in EventKind:
+        schema = json.loads(catalogue.schema_json(kind))
+        for f in schema["fields"]:
+            if f["name"] == "event_time":
+                f["type"] = "string"  # the same field, written with another type
+        retyped_writers[kind] = fastavro.parse_schema(schema)
+    out = []
+    for i in range(n):
+        kind, base = bases[rng.randrange(len(bases))]
+        record = {**base, "event_id": f"fz{i}-{base['event_id']}"}
+        key = record["unit_id"].encode()
+        good = codec.encode(kind, record)
+        way = i % 13
+        if way == 0:
+            value = None if rng.random() < 0.02 else bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))
+            key = rng.choice([key, None, bytes(rng.getrandbits(8) for _ in range(8))])
+        elif way == 1:
+            value = good[:5] + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 120)))
+        elif way == 2:
+            value = good[:rng.randint(0, len(good) - 1)]
+        elif way in (3, 4):
+            flipped = bytearray(good)
+            for _ in range(rng.randint(1, 3)):
+                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            value = bytes(flipped)
+        elif way == 5:
+            other = rng.choice([k for k in EventKind if k is not kind])
+            schema_id = rng.choice([ids[other], 0, 9999, 2**32 - 1, catalogue.id_for(ControlKind.DECISION)])
+            value = good[:1] + struct.pack(">I", schema_id) + good[5:]
+        elif way == 6:
+            buf = io.BytesIO()
+            fastavro.schemaless_writer(buf, retyped_writers[kind], {**record, "event_time": str(record["event_time"])})
+            value = good[:5] + buf.getvalue()
+        elif way == 7:
+            name = rng.choice(["unit_id", "event_id", "experiment_id"] + (["variant"] if "variant" in record else []))
+            record[name] = "x" * rng.choice([257, 5_000, 200_000])
+            value = codec.encode(kind, record)
+        elif way == 8 and floats[kind]:
+            record[rng.choice(floats[kind])] = rng.choice([math.nan, math.inf, -math.inf])
+            value = codec.encode(kind, record)
+        elif way == 9:
+            record["event_time"] = rng.choice([-1, 0, 946_684_799_999, 4_102_444_800_000, 2**62, -(2**62)])
+            value = codec.encode(kind, record)
+        elif way == 10 and kind in latencies:
+            record[latencies[kind]] = rng.choice([-1.0, -1e-9, 3_600_000.5, 1e12, 1e308])
+            value = codec.encode(kind, record)
+        elif way == 11:
+            record["experiment_id"] = rng.choice(["exp-" + str(rng.randrange(10**6)), "", "FUZZ-TARGET", "fuzz-target "])
+            value = codec.encode(kind, record)
+        else:
+            record[rng.choice(["event_id", "unit_id"])] = ""
+            value = codec.encode(kind, record)
+        out.append(Outgoing(kind, key, value, None))
+    return out
+
+
+def test_ten_thousand_fuzzed_messages(cluster):
+    started = time.monotonic()
+    codec = Codec()
+    main = scenario("fuzz-main", 2000, seed=6)
+    target = ExperimentScenario(FUZZ_TARGET, {"control": ArmTruth(0.2), "treatment": ArmTruth(0.2)},
+                                {"control": 0.5, "treatment": 0.5}, units=400, window_s=WINDOW_S, seed=7)
+    target_config = start(ExperimentConfig.from_mapping({
+        "experiment_id": FUZZ_TARGET, "variants": ["control", "treatment"], "control": "control",
+        "primary_metric": {"name": "conversion", "kind": "binary"}, "attribution_window_s": WINDOW_S}))
+    configs = {"fuzz-main": config_for(main), FUZZ_TARGET: target_config}
+    valid = sorted(scenario_events(main) + scenario_events(target), key=lambda item: item[0])
+    messages = [Outgoing(kind, r["unit_id"].encode(), codec.encode(kind, r), None) for _, kind, r in valid]
+    fuzz = fuzz_payloads([(k, r) for _, k, r in scenario_events(target)], 10_000, seed=8)
+    rng = random.Random(9)
+    slots = set(rng.sample(range(len(messages) + len(fuzz)), len(fuzz)))
+    valid_iter, fuzz_iter = iter(messages), iter(fuzz)
+    messages = [next(fuzz_iter) if i in slots else next(valid_iter) for i in range(len(messages) + len(fuzz))]
+    # A fuzzed payload the codec accepts is a valid event: it is keyed by its own unit, as a
+    # service would key it, and counted like any other.
+    judged = [codec.decode(m.kind, m.value) for m in messages]
+    messages = [m if isinstance(d, DeadLetter) else replace(m, key=d["unit_id"].encode()) for m, d in zip(messages, judged)]
+    expected = expected_outcome(messages, configs)
+    fuzz_accepted = sum(1 for i in slots if i in expected.valid_records and i not in expected.dead)
+    fuzz_unknown = sum(1 for i in slots if expected.dead.get(i) == "unknown_experiment")
+    reasons = Counter(expected.dead.values())
+    assert len(slots & set(expected.dead)) + fuzz_accepted == 10_000, reasons
+    prepare(cluster.settings, configs)
+    worker = cluster.start("w0", sink=True)
+    s = cluster.worker_settings["w0"]
+    feeder = Feeder(cluster.settings, messages, rate_per_s=10_000)
+    feeder.start()
+    result = settle_and_check(cluster.settings, s, expected, feeder, messages)
+    assert worker.poll() is None, cluster.log("w0")
+    assert result["letters"] == len(expected.dead), "each rejected message is dead-lettered once"
+    samples = scrape(s)
+    assert total(samples, "abstream_events_consumed_total") == len(messages)
+    assert total(samples, "abstream_deadletters_total") == len(expected.dead)
+    for reason, n in reasons.items():
+        assert total(samples, "abstream_deadletters_total", reason=reason) == n, reason
+    log_text = (cluster.tmp / "w0.log").read_text(errors="replace")
+    assert "crashed" not in log_text.lower() and "Traceback" not in log_text, log_text[-4000:]
+    report("fuzz-10k", started, messages=len(messages), dead=dict(reasons), fuzz_accepted=fuzz_accepted,
+           fuzz_unknown_experiment=fuzz_unknown, **result)
