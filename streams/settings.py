@@ -39,7 +39,7 @@ class Settings:
     schema_registry_url: str = ""
     web_host: str = "127.0.0.1"
     web_port: int = 6066
-    batch_max_events: int = 2000
+    batch_max_events: int = 10000
     batch_within_s: float = 0.2
     decision_interval_s: float = 1.0
     exposure_retention_s: float = 7 * 24 * 3600.0

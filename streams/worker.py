@@ -26,7 +26,7 @@ from typing import Any
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams import metrics
+from streams import fetch, metrics
 from streams.codec import Codec, ControlKind, schema_source
 from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
@@ -62,11 +62,15 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     """The Faust app of a worker; ``warehouse`` is set when this worker holds the sink role."""
     app = faust.App(
         f"{settings.topic_prefix}worker",
+        # The consumer hands stage 1 one batch per fetch (streams/fetch.py); the producer is Faust's own.
+        broker_consumer=[f"{fetch.SCHEME}://{host}" for host in settings.kafka_bootstrap.split(",")],
+        broker_producer=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
         store="memory://",
         autodiscover=False,
         topic_partitions=settings.partitions,
         table_standby_replicas=0,
+        broker_max_poll_records=settings.batch_max_events,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_s / 3),
@@ -97,17 +101,22 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             await partials_topic.send(key=experiment_id.encode(),
                                       value={"source_partition": partition, "partial": partial.to_dict()})
 
-    @app.agent(inputs, concurrency=1, name="stage1")
-    async def stage1_agent(stream):
-        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
-            result = stage1.process([event.message for event in events])
-            for partition, key, value in result.unit_writes:
-                write_table(units, partition, key, value)
-            for message, letter in result.dead:
-                await deadletters.send(
-                    key=message.key, value=message.value,
-                    headers=deadletter_headers(letter, message.topic, message.partition, message.offset),
-                )
+    async def stage1_batch(messages) -> None:
+        result = stage1.process(messages)
+        for partition, key, value in result.unit_writes:
+            write_table(units, partition, key, value)
+        for message, letter in result.dead:
+            await deadletters.send(
+                key=message.key, value=message.value,
+                headers=deadletter_headers(letter, message.topic, message.partition, message.offset),
+            )
+        # The batch's offsets are acked after this returns: its effects must be in Kafka first.
+        await app.producer.flush()
+
+    # Stage 1 is not an agent: the consumer hands it one batch per fetch (streams/fetch.py).
+    app.topics.add(inputs)
+    app.abstream_batch_handler = stage1_batch
+    app.abstream_batch_topics = frozenset(input_names)
 
     @app.agent(partials_topic, concurrency=1, name="stage2")
     async def stage2_agent(stream):
@@ -129,9 +138,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     @app.timer(interval=settings.decision_interval_s)
     async def cadence():
         await publish_partials()
-        metrics.INPUT_LAG.labels("stage1").set(sum(
-            max(0, app.consumer.highwater(tp) - stage1.positions.get((tp.topic, tp.partition), app.consumer.highwater(tp)))
-            for tp in app.consumer.assignment() if tp.topic in input_names))
+        metrics.INPUT_LAG.labels("stage1").set(stage1_lag())
         for experiment_id in sorted(changed_experiments):
             changed_experiments.discard(experiment_id)
             config = experiments.get(experiment_id)
@@ -143,6 +150,16 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             except Exception:  # one experiment's failure must not stop the others or the worker
                 metrics.EVALUATION_ERRORS.labels(experiment_id).inc()
                 log.exception("evaluating experiment %s failed", experiment_id)
+
+    def stage1_lag() -> int:
+        """Messages of the assigned input partitions beyond what stage 1 processed (partitions
+        not fetched yet have no high watermark and count as caught up)."""
+        lag = 0
+        for tp in app.consumer.assignment():
+            high = app.consumer.highwater(tp) if tp.topic in input_names else None
+            if high is not None:
+                lag += max(0, high - stage1.positions.get((tp.topic, tp.partition), high))
+        return lag
 
     async def evaluate_experiment(config, stored: dict) -> None:
         now_ms = int(time.time() * 1000)
@@ -250,6 +267,10 @@ def run_worker(settings: Settings, *, sink: bool, loglevel: str = "warning") -> 
         endpoint.write_text(json.dumps({"pid": os.getpid(), "url": f"http://{settings.web_host}:{settings.web_port}"}))
     app = create_app(settings, experiments, warehouse=warehouse)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    # Faust's terminal spinner sets the root logger to DEBUG so that every log call turns it:
+    # every debug line of aiokafka and Faust then builds a LogRecord (8% of the worker's CPU
+    # under load, measured with py-spy) and the log fills with escape codes.
+    worker.spinner = None
     try:
         worker.execute_from_commandline()
     finally:

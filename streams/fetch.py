@@ -1,0 +1,75 @@
+"""Stage 1's consumption: one batch per Kafka fetch, acknowledged after its effects are written.
+
+Why: faust-streaming spends ~80-100 us of event-loop work per message before an agent sees
+it (a `wait_first` with four futures per message in the fetcher, the conductor's per-event
+Event, the stream iterator's per-event sleep and ack). On Apache Kafka 3.9 that held every
+supported consumption shape (per-event, take_events, noack_take) to ~10% of the fastavro
+decode ceiling, whatever the fetch settings; py-spy showed the event loop busy, not idle
+(bench/FAUST_THROUGHPUT.md). Handing the input topics' records to stage 1 as one batch per
+`getmany` removes those layers and keeps what Faust is good at: group membership,
+rebalances, partition assignment, offset tracking and commits.
+
+How: :class:`BatchConsumer` replaces the fetcher loop (`_drain_messages`, private API of
+faust-streaming 0.15, pinned in pyproject). Records of the batch topics go to the app's
+batch handler as one list; records of every other topic (the partials topic of the stage-2
+agent, for one) take Faust's ordinary path. Messages are acked only after the handler
+returned, and the handler flushes the producer first, so an offset is never committed
+before the table and dead-letter records of its message are in Kafka (at-least-once; unit
+state makes replays idempotent). A batch fetched under a consumer generation that has since
+changed (a rebalance began) is dropped unprocessed: its partitions are re-read by their
+next owner from the committed offsets.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Sequence
+
+from faust.transport.drivers import TRANSPORTS
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import Message
+
+BatchHandler = Callable[[Sequence[Message]], Awaitable[None]]
+SCHEME = "abstream"
+
+
+class BatchConsumer(faust_aiokafka.Consumer):
+    async def _drain_messages(self, fetcher) -> None:  # replaces faust's per-message loop
+        app = self.app
+        handler: BatchHandler = app.abstream_batch_handler
+        batch_topics: frozenset[str] = app.abstream_batch_topics
+        try:
+            while not (self._stopped.is_set() or fetcher._stopped.is_set()):
+                records, _ = await self._wait_next_records(1.0)
+                await self.sleep(0)
+                if not records or self.should_stop:
+                    continue
+                generation = app.consumer_generation_id
+                batch = []
+                for tp, tp_records in records.items():
+                    if tp.topic in batch_topics:
+                        batch.extend(self._to_message(tp, record) for record in tp_records)
+                    else:
+                        for record in tp_records:
+                            await self.wait_first(self.callback(self._to_message(tp, record)), self.suspend_flow.wait())
+                if batch and self.flow_active and generation == app.consumer_generation_id:
+                    await handler(batch)
+                    for message in batch:
+                        self.ack(message)
+                if self._commit_every is not None and self._n_acked >= self._commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer = BatchConsumer
+
+
+TRANSPORTS.aliases[SCHEME] = f"{__name__}:Transport"
