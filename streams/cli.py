@@ -329,9 +329,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from streams.demo import DemoError, run_demo
 
-    return run_demo(Settings.from_env(), events=args.events)
+    try:
+        return run_demo(Settings.from_env(), short=args.short, out=args.out)
+    except DemoError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -427,8 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("demo", help="run the demo on the embedded defaults (local broker, worker, ClickHouse)")
-    p.add_argument("--events", type=int, default=5000, help="simulated events to publish (default 5000)")
+    p = sub.add_parser("demo", help="a simulated production day over five experiments (about 4 minutes): "
+                                    "canary, kill switch, shadow, A/A, SRM; live view, reports, ClickHouse")
+    p.add_argument("--short", action="store_true", help="a smaller, faster day (about 1.5 minutes; the tests use it)")
+    p.add_argument("--out", help="folder for the reports (default reports/demo-RUN)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("kafka", help="start, stop or inspect the local single-node Kafka broker")
