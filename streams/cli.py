@@ -367,6 +367,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise CommandError(f"no experiment {args.experiment_id!r} in {experiments.experiments_topic(settings)} (known: {known})")
     if args.action == "show":
         return _print_experiment(current, as_json=args.json)
+    if args.action in ("kill", "resume"):
+        reason = args.reason or f"{args.action} by {os.environ.get('USER', 'an operator')} from the command line"
+        switch, allocation = experiments.order(settings, current, args.action, args.variant, reason)
+        if args.json:
+            print(json.dumps({"killswitch": switch, "allocation": allocation}))
+        else:
+            weights = ", ".join(f"{v} {w:.0%}" for v, w in sorted(allocation["weights"].items()))
+            print(f"{args.action} {args.variant} of experiment {current.experiment_id}: routers now use {weights}")
+        return EXIT_OK
     config = experiments.TRANSITIONS[args.action](current)
     experiments.publish_config(settings, config)
     verb = {"start": "started", "pause": "paused", "stop": "stopped"}[args.action]
@@ -496,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report's numbers as JSON")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("experiment", help="define experiments and start, pause, stop, list or show them")
+    p = sub.add_parser("experiment", help="define experiments; start, pause, stop, kill or resume them; list or show them")
     common = _Parser(add_help=False)
     common.add_argument("--bootstrap", help="Kafka bootstrap servers (default $ABSTREAM_KAFKA_BOOTSTRAP)")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -510,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
                          ("stop", "stop a running or paused experiment, for good")):
         a = actions.add_parser(action, parents=[common], help=text)
         a.add_argument("experiment_id", metavar="ID")
+    for action, text in (("kill", "stop sending units to a variant now (its share goes to control)"),
+                         ("resume", "send units to a killed variant again (the config's weights)")):
+        a = actions.add_parser(action, parents=[common], help=text)
+        a.add_argument("experiment_id", metavar="ID")
+        a.add_argument("--variant", required=True, help="the variant to kill or resume")
+        a.add_argument("--reason", help="why, for the kill-switch record (default: who ran the command)")
     actions.add_parser("list", parents=[common], help="list experiments: id, status, version, variants, primary metric")
     a = actions.add_parser("show", parents=[common], help="show an experiment's whole config")
     a.add_argument("experiment_id", metavar="ID")

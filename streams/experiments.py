@@ -1118,3 +1118,48 @@ class ExperimentCatalogue:
                     break
                 self._changed.wait(left)
             return self._version
+
+
+def order(settings: Settings, config: ExperimentConfig, action: str, variant: str, reason: str,
+          *, now_ms: int | None = None, timeout_s: float = 30.0) -> tuple[dict, dict]:
+    """A person's kill or resume of one variant: publishes the KillSwitch record and the
+    Allocation that goes with it (kill: the variant's share to control; resume: the config's
+    weights) and returns both. Versions are publication times kept above the newest record's,
+    so they order with the records stage 2 publishes."""
+    from streams.topics import ALLOCATIONS, KILLSWITCH, read_latest
+
+    if variant not in config.variant_names:
+        raise ConfigError(f"experiment {config.experiment_id} has no variant {variant!r} "
+                          f"(variants: {', '.join(config.variant_names)})")
+    if action == "kill" and variant == config.control:
+        raise ConfigError(f"cannot kill {variant}: it is the control of {config.experiment_id}")
+    now_ms = _now_ms() if now_ms is None else now_ms
+    codec = _codec(settings)
+    key = config.experiment_id.encode()
+
+    def newest(topic: str, kind: ControlKind) -> dict | None:
+        found = read_latest(settings, settings.topic(topic), timeout_s).get(key)
+        return None if found is None else codec.decode(kind, found[1])
+
+    switch, allocation = newest(KILLSWITCH, ControlKind.KILLSWITCH), newest(ALLOCATIONS, ControlKind.ALLOCATION)
+    weights = dict(allocation["weights"]) if allocation else dict(config.weights)
+    if action == "kill":
+        weights = {v: 0.0 if v == variant else w + (weights.get(variant, 0.0) if v == config.control else 0.0)
+                   for v, w in weights.items()}
+    else:
+        weights = dict(config.weights)
+    switch_record = {"experiment_id": config.experiment_id, "action": action, "variant": variant, "reason": reason,
+                     "alert_id": None, "event_time": now_ms,
+                     "version": max(now_ms, (switch["version"] + 1) if switch else 0)}
+    allocation_record = {"experiment_id": config.experiment_id, "weights": weights,
+                         "version": max(now_ms, (allocation["version"] + 1) if allocation else 0),
+                         "reason": "manual", "event_time": now_ms}
+    producer = make_producer(settings, **{"message.timeout.ms": str(int(timeout_s * 1000)), "logger": _client_log})
+    failures: list[str] = []
+    for topic, kind, record in ((KILLSWITCH, ControlKind.KILLSWITCH, switch_record),
+                                (ALLOCATIONS, ControlKind.ALLOCATION, allocation_record)):
+        producer.produce(settings.topic(topic), key=key, value=codec.encode(kind, record),
+                         on_delivery=lambda err, _msg: failures.append(err.str()) if err else None)
+    if producer.flush(timeout_s) or failures:
+        raise ExperimentTopicError(f"could not publish the {action} order: {failures[:1] or 'timed out'}")
+    return switch_record, allocation_record

@@ -166,16 +166,18 @@ def control(config: Any, partial: Partial, state: ControlState, now_ms: int) -> 
     canary = state.canary
     allocation_version, killswitch_version = state.allocation_version, state.killswitch_version
 
+    # Versions are publication times (ms), kept increasing: any writer (stage 2, a person
+    # with `abstream experiment kill`) can order its records without coordination.
     def allocate(new_weights: dict[str, float], reason: str) -> None:
         nonlocal allocation_version, weights
-        allocation_version += 1
+        allocation_version = max(allocation_version + 1, now_ms)
         weights = new_weights
         actions.allocations.append({"experiment_id": config.experiment_id, "weights": dict(new_weights),
                                     "version": allocation_version, "reason": reason, "event_time": watermark})
 
     def order(action: str, variant: str, reason: str, alert_id: str | None) -> None:
         nonlocal killswitch_version
-        killswitch_version += 1
+        killswitch_version = max(killswitch_version + 1, now_ms)
         actions.killswitches.append({"experiment_id": config.experiment_id, "action": action, "variant": variant,
                                      "reason": reason, "alert_id": alert_id, "event_time": watermark,
                                      "version": killswitch_version})
