@@ -347,6 +347,23 @@ def _reader(settings: Settings, role: str) -> Consumer:
     }))
 
 
+_NOT_READY = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT}
+
+
+def _high_watermark(consumer: Consumer, partition: TopicPartition, deadline: float) -> int:
+    """The partition's high watermark, asking again while a new topic's leader is being
+    elected (a topic created a moment ago answers NOT_LEADER_FOR_PARTITION for a while)."""
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=max(0.5, deadline - time.monotonic()),
+                                                  cached=False)[1]
+        except KafkaException as exc:
+            if exc.args[0].code() not in _NOT_READY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 class ControlFollower:
     """``<prefix>killswitch`` and ``<prefix>allocations`` followed in a background thread:
     the kill switch and allocation in force for every experiment (highest version wins).
@@ -384,6 +401,7 @@ class ControlFollower:
         if self._thread is not None:
             return self
         consumer = _reader(self.settings, "control")
+        deadline = time.monotonic() + timeout_s
         try:
             assignment = []
             existing = consumer.list_topics(timeout=timeout_s).topics
@@ -391,8 +409,7 @@ class ControlFollower:
                 if topic not in existing:
                     raise TopicError(f"topic {topic} does not exist; create it with `abstream worker` or ensure_topics()")
                 for p in sorted(existing[topic].partitions):
-                    self._start_ends[(topic, p)] = consumer.get_watermark_offsets(
-                        TopicPartition(topic, p), timeout=timeout_s, cached=False)[1]
+                    self._start_ends[(topic, p)] = _high_watermark(consumer, TopicPartition(topic, p), deadline)
                     assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
             consumer.assign(assignment)
         except KafkaException as exc:
