@@ -31,6 +31,12 @@ kafka-start: setup
 kafka-stop: setup
 	$(BIN)/abstream kafka stop
 
+## The benchmark (issue 10): its own broker, workers, paced load; writes bench/results.json (~25 min).
+## Not part of `make test`. BENCH_ARGS='--only throughput --events 200000' runs a part.
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	-$(BIN)/abstream kafka stop
 	rm -rf .abstream .pytest_cache
