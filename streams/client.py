@@ -332,6 +332,27 @@ def sampled(salt: str, key: str, rate: float) -> bool:
     return unit_bucket(salt, key) < int(math.floor(round(rate * BUCKETS, 6) + 0.5))
 
 
+def publish_control(settings: Settings, order: KillSwitch | Allocation, *, codec: Codec | None = None,
+                    timeout_s: float = 10.0) -> None:
+    """Publish a kill switch or an allocation keyed by its experiment_id and wait for the
+    broker's acknowledgement; raises :class:`TopicError` when it is not delivered. For
+    on-call and scripts; the stage-2 controllers publish their own."""
+    kind, topic = ((ControlKind.KILLSWITCH, KILLSWITCH) if isinstance(order, KillSwitch)
+                   else (ControlKind.ALLOCATION, ALLOCATIONS))
+    record = order.to_record()
+    if not record["event_time"]:
+        record["event_time"] = _now_ms()
+    value = (codec or Codec(schema_source(settings.schema_registry_url))).encode(kind, record)
+    producer = make_producer(settings, logger=_client_log, **{"message.timeout.ms": str(int(timeout_s * 1000))})
+    outcome: list = []
+    producer.produce(settings.topic(topic), key=order.experiment_id.encode("utf-8"), value=value,
+                     on_delivery=lambda err, msg: outcome.append(err))
+    producer.flush(timeout_s + 5.0)
+    if not outcome or outcome[0] is not None:
+        problem = outcome[0].str() if outcome else f"no acknowledgement within {timeout_s:g} s"
+        raise TopicError(f"cannot publish {kind.value} of {order.experiment_id} to {settings.topic(topic)}: {problem}")
+
+
 # ---------------------------------------------------------------------------------------
 # Control-plane follower
 # ---------------------------------------------------------------------------------------

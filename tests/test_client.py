@@ -17,17 +17,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
-from streams import experiments
+from streams import client, experiments
 from streams.client import (
     BUCKETS, Allocation, AllocationReason, ControlFollower, EventPublisher, InvalidEvent, KillAction, KillSwitch,
     ModelRef, Router, ShadowRunner, UnknownExperiment, assign, assigner, basis_points, sampled, unit_bucket,
 )
 from streams.codec import Codec, ControlKind, EventKind
 from streams.experiments import ExperimentConfig
-from streams.topics import ALLOCATIONS, INPUT_TOPICS, KILLSWITCH, ensure_topics, make_producer
+from streams.topics import INPUT_TOPICS, KILLSWITCH, ensure_topics, make_producer
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = [f"user-{i}" for i in range(10_000)]
@@ -421,8 +421,8 @@ def test_the_router_obeys_kill_switches_and_allocations_from_the_broker(settings
                         KillSwitch("ranker", KillAction.RESUME, "challenger", 3).to_record(), KILLSWITCH)
         poll_until(lambda: {u: router.variant_for("ranker", u) for u in units} == before, what="the resume")
 
-        publish_control(settings, ControlKind.ALLOCATION, Allocation(
-            "ranker", {"control": 0.9, "challenger": 0.1}, 7, AllocationReason.CANARY_STEP).to_record(), ALLOCATIONS)
+        client.publish_control(settings, Allocation("ranker", {"control": 0.9, "challenger": 0.1}, 7,
+                                                    AllocationReason.CANARY_STEP))
         poll_until(lambda: router.weights("ranker") == {"control": 0.9, "challenger": 0.1}, what="the allocation")
         after = {u: router.variant_for("ranker", u) for u in units}
         assert set(moved(before, after)) == {("challenger", "control")}
