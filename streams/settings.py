@@ -5,12 +5,21 @@ the environment.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
+
+
+class _DebugOnly(logging.LoggerAdapter):
+    def log(self, level, msg, *args, **kwargs):
+        self.logger.debug(msg, *args, **kwargs)
+
+
+LIBRDKAFKA_LOG = _DebugOnly(logging.getLogger("abstream.kafka"), {})
 
 
 class SettingsError(ValueError):
@@ -96,9 +105,12 @@ class Settings:
     def chdb_path(self) -> Path:
         return Path(urlsplit(self.clickhouse_dsn).path)
 
-    def kafka_config(self, **extra: str) -> dict[str, str]:
-        """confluent-kafka (librdkafka) configuration with the security settings passed through."""
-        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_security, **extra}
+    def kafka_config(self, **extra) -> dict:
+        """confluent-kafka (librdkafka) configuration with the security settings passed through.
+        librdkafka's own log lines go to the ``abstream.kafka`` logger at DEBUG: a refused
+        password or an unreachable broker reaches the user as one line from the code that
+        asked, not as librdkafka's retries on stderr."""
+        return {"bootstrap.servers": self.kafka_bootstrap, "logger": LIBRDKAFKA_LOG, **self.kafka_security, **extra}
 
     def to_env(self) -> dict[str, str]:
         """The ``ABSTREAM_*`` variables that reproduce these settings in a child process."""

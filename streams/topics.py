@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.codec import DeadLetter, EventKind
@@ -61,14 +61,23 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
     """Create the input, dead-letter, partials and decisions topics with ``settings.partitions``
     partitions if missing; refuse to run when an existing one has another partition count
     (the input topics and the tables of the workers must be co-partitioned)."""
-    admin = AdminClient(settings.kafka_config())
+    refused: list[str] = []
+
+    def on_error(error) -> None:  # librdkafka reports refused credentials here, not as an exception
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            refused.append(error.str())
+
+    admin = AdminClient(settings.kafka_config(error_cb=on_error))
     configs = {settings.topic(name): {} for name in INPUT_TOPICS.values()}
     configs.update({settings.topic(name): config for name, config in _DERIVED_TOPICS.items()})
     wanted = list(configs)
     deadline = time.monotonic() + timeout_s
     try:
-        existing = admin.list_topics(timeout=timeout_s).topics
+        existing = _list_topics(admin, timeout_s, refused)
     except KafkaException as exc:
+        if refused:
+            raise TopicError(f"Kafka at {settings.kafka_bootstrap} refused the credentials "
+                             f"(ABSTREAM_KAFKA_SASL_USERNAME / _PASSWORD): {refused[0]}") from None
         raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
     missing = [NewTopic(t, num_partitions=settings.partitions, replication_factor=-1, config=configs[t])
                for t in wanted if t not in existing]
@@ -93,6 +102,19 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
             f"topics {sorted(wrong)} have {sorted(set(wrong.values()))} partitions, expected {settings.partitions} "
             "(ABSTREAM_PARTITIONS): input topics must be co-partitioned"
         )
+
+
+def _list_topics(admin: AdminClient, timeout_s: float, refused: list[str]):
+    """Topic metadata, asked in short rounds so that refused credentials fail at once rather
+    than after the whole timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return admin.list_topics(timeout=min(2.0, max(0.1, deadline - time.monotonic()))).topics
+        except KafkaException:
+            admin.poll(0)  # error_cb runs only when the client is polled
+            if refused or time.monotonic() >= deadline:
+                raise
 
 
 def deadletter_headers(dead: DeadLetter, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

@@ -5,6 +5,7 @@ identifiers (database, table) come from settings and a closed set, never from ev
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,10 @@ def redact_dsn(dsn: str) -> str:
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
 
+
+# clickhouse-connect logs driver failures itself; here every failure reaches the caller as a
+# WarehouseError of one line with the DSN's password redacted, so its own log is silenced.
+logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
 
 _clients: dict[str, tuple[Any, threading.Lock]] = {}
 _clients_lock = threading.Lock()

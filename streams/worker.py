@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import ssl
 import logging
 import os
 import time
@@ -58,6 +59,20 @@ def delete_from_table(table: faust.Table, partition: int, key: Any) -> None:
     table.send_changelog(partition, key, None, value_serializer="raw")
 
 
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """Faust's (aiokafka's) credentials from the same ``ABSTREAM_KAFKA_*`` security settings
+    that the confluent-kafka clients take as they are."""
+    security = settings.kafka_security
+    protocol = security.get("security.protocol", "PLAINTEXT").upper()
+    ssl_context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        ssl_context = ssl.create_default_context(cafile=security.get("ssl.ca.location"))
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=security.get("sasl.username"), password=security.get("sasl.password"),
+                                     mechanism=security.get("sasl.mechanism", "PLAIN"), ssl_context=ssl_context)
+    return faust.SSLCredentials(ssl_context) if ssl_context else None
+
+
 def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehouse: Warehouse | None = None) -> faust.App:
     """The Faust app of a worker; ``warehouse`` is set when this worker holds the sink role."""
     app = faust.App(
@@ -66,6 +81,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         broker_consumer=[f"{fetch.SCHEME}://{host}" for host in settings.kafka_bootstrap.split(",")],
         broker_producer=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
+        broker_credentials=broker_credentials(settings),
         store="memory://",
         autodiscover=False,
         topic_partitions=settings.partitions,
