@@ -78,7 +78,7 @@ class Pace:
 
 
 FULL = Pace(wall_s=170.0, scale=1.0)
-SHORT = Pace(wall_s=55.0, scale=0.5)
+SHORT = Pace(wall_s=45.0, scale=0.45)
 RATES_PER_S = {CANARY: 0.2, LATENCY: 0.1, SHADOW: 0.05, AA: 0.1, SRM: 0.1}
 
 
@@ -163,6 +163,7 @@ class Day:
         self.stale = assigner({"control": 0.55, "treatment": 0.45}, salt=SRM, control="control")
         self.kill_seen_ms: int | None = None
         self.last_ms: dict[str, int] = {}
+        self.allocations_seen: dict[str, list[int]] = {}
 
     def _push(self, t_ms: int, kind: EventKind, record: dict) -> None:
         self.sequence += 1
@@ -186,6 +187,15 @@ class Day:
             self.last_ms[record["experiment_id"]] = record["event_time"]
         return out
 
+    def _allocation_number(self, experiment_id: str) -> int:
+        # Allocation versions are publication times (ms) and do not fit the exposure's
+        # 32-bit allocation_version: the exposure carries the allocation's ordinal instead.
+        allocation = self.router.control.allocation(experiment_id)
+        seen = self.allocations_seen.setdefault(experiment_id, [])
+        if allocation is not None and (not seen or seen[-1] != allocation.version):
+            seen.append(allocation.version)
+        return len(seen)
+
     def _unit(self, experiment_id: str, t: int) -> None:
         rng = self.rng
         i = self.next_unit[experiment_id]
@@ -196,11 +206,10 @@ class Day:
             variant = self.stale.variant_for(unit)
         else:
             variant = self.router.variant_for(experiment_id, unit)
-        allocation = self.router.control.allocation(experiment_id)
         self.traffic.expose(experiment_id, variant, t)
         base = {"experiment_id": experiment_id, "unit_id": unit}
         self._push(t, EventKind.ASSIGNMENT, {**base, "variant": variant, "segment": segment,
-                                             "allocation_version": allocation.version if allocation else 0})
+                                             "allocation_version": self._allocation_number(experiment_id)})
         model = self.router.model_of(experiment_id, variant)
         day_share = (t - START_MS) / (DAY_S * 1000)
         slow = 3.0 if experiment_id == LATENCY and variant == "challenger" and day_share >= 0.5 else 1.0
@@ -510,6 +519,8 @@ def run_demo(settings: Settings, *, short: bool = False, out: Path | None = None
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, previous)
         logging.getLogger("streams").removeHandler(log_handler)
+    if not console.is_terminal:
+        console.print()  # the live view's last frame ends without a newline off a terminal
     what = [f"{len(started.workers)} workers"] + (["the Kafka broker"] if started.broker_dir else [])
     print(f"abstream: demo interrupted; stopped the {' and '.join(what)} it started", flush=True)
     return 130
