@@ -19,10 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from analysis import offline
 from analysis.fixed import srm_pvalue
-from analysis.multiple import holm
 from analysis.offline import MetricComparison, Recommendation
 from analysis.results import ComparisonResult
-from analysis.stats import ProportionStats
 from analysis.verdict import Decision, DecisionPolicy
 
 Query = Callable[[str, Mapping[str, Any]], tuple[Sequence[str], Sequence[Sequence[Any]]]]

@@ -29,7 +29,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from streams.codec import Codec, ControlKind, DeadLetter, schema_source
 from streams.settings import Settings
-from streams.topics import TopicError, make_producer
+from streams.topics import TopicError, make_producer, read_latest
 
 log = logging.getLogger(__name__)
 # librdkafka's own log lines go here rather than to stderr, where they would break the
@@ -891,56 +891,27 @@ class ConfigScan:
 
 
 def scan_configs(settings: Settings, timeout_s: float = 10.0, *, codec: Codec | None = None) -> ConfigScan:
-    """Read the experiments topic from the beginning to its high watermark (as seen at the
-    start); newest record per key wins, a tombstone removes the key, and a record that does
-    not decode is skipped and counted. Raises :class:`ExperimentTopicError` on timeout."""
+    """The experiments topic read to its end (:func:`streams.topics.read_latest`): newest
+    record per key wins, a tombstone removes the key, and a record that does not decode is
+    skipped and counted. Raises :class:`ExperimentTopicError` on timeout."""
     topic = ensure_experiments_topic(settings, timeout_s)
     codec = codec or _codec(settings)
-    consumer = _reader(settings)
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
-        ends: dict[int, int] = {}
-        for p in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-            if high > low:
-                ends[p] = high
-        configs: dict[str, ExperimentConfig] = {}
-        skipped = 0
-        if ends:
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-            pending = dict(ends)
-            deadline = time.monotonic() + timeout_s
-            while pending:
-                if time.monotonic() > deadline:
-                    raise ExperimentTopicError(f"did not read {topic} to its end within {timeout_s:g} s")
-                msg = consumer.poll(0.2)
-                if msg is None:
-                    continue
-                if msg.error() is not None:
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        if msg.offset() >= pending.get(msg.partition(), 0):
-                            pending.pop(msg.partition(), None)
-                        continue
-                    if msg.error().fatal():
-                        raise ExperimentTopicError(f"cannot read {topic}: {msg.error().str()}")
-                    continue
-                try:
-                    experiment_id, config = _decode(codec, msg.key(), msg.value())
-                except ValueError as exc:
-                    skipped += 1
-                    log.warning("skipped record at %s[%d]@%d: %s", topic, msg.partition(), msg.offset(), exc)
-                else:
-                    if config is None:
-                        configs.pop(experiment_id, None)
-                    else:
-                        configs[experiment_id] = config
-                if msg.offset() + 1 >= pending.get(msg.partition(), 0):
-                    pending.pop(msg.partition(), None)
-        return ConfigScan(configs, skipped)
-    except KafkaException as exc:
-        raise ExperimentTopicError(f"cannot read {topic}: {exc.args[0].str()}") from None
-    finally:
-        consumer.close()
+        latest = read_latest(settings, topic, timeout_s)
+    except TopicError as exc:
+        raise ExperimentTopicError(str(exc)) from None
+    configs: dict[str, ExperimentConfig] = {}
+    skipped = 0
+    for key, (partition, value) in latest.items():
+        try:
+            experiment_id, config = _decode(codec, key, value)
+        except ValueError as exc:
+            skipped += 1
+            log.warning("skipped the newest record of key %r in %s[%d]: %s", key, topic, partition, exc)
+            continue
+        if config is not None:
+            configs[experiment_id] = config
+    return ConfigScan(configs, skipped)
 
 
 def read_configs(settings: Settings, timeout_s: float = 10.0) -> dict[str, ExperimentConfig]:

@@ -352,7 +352,7 @@ def test_experiment_help(action):
 def test_experiment_usage_errors_exit_2():
     assert_one_line_error(run("experiment"), 2, "required: ACTION")
     assert_one_line_error(run("experiment", "start"), 2, "required: ID")
-    assert_one_line_error(run("experiment", "resume", "x"), 2, "invalid choice")
+    assert_one_line_error(run("experiment", "restart", "x"), 2, "invalid choice")
 
 
 def test_a_bad_file_fails_before_kafka_is_asked(tmp_path):
