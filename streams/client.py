@@ -283,9 +283,24 @@ def effective_points(weights: Mapping[str, float], control: str, *, allocation: 
     return points
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def exposure_allocation_version(version: int) -> int:
+    """The allocation version as the Assignment event's 32-bit ``allocation_version``.
+
+    Allocation versions are publication times in epoch milliseconds (every writer orders
+    its records that way), which do not fit 32 bits; those are carried as whole seconds,
+    which do until 2038, are the same in every process and keep the order. Small versions
+    pass unchanged."""
+    return version if 0 <= version <= _INT32_MAX else min(max(version // 1000, 0), _INT32_MAX)
+
+
 @dataclass(frozen=True)
 class Assigner:
-    """A salt and a bucket layout: everything needed to assign units of one experiment."""
+    """A salt and a bucket layout: everything needed to assign units of one experiment.
+    ``allocation_version`` is the version of the allocation in force (0: the config's
+    weights), as published."""
 
     salt: str
     layout: BucketLayout
@@ -901,7 +916,8 @@ class Router:
     memory of exposures is per process and bounded (``exposure_memory`` entries, least
     recently used forgotten first), so a restarted or second replica publishes a unit's
     exposure again; the workers keep the first. ``"always"`` publishes on every call,
-    ``"never"`` leaves it to the caller.
+    ``"never"`` leaves it to the caller. The exposure's ``allocation_version`` is the
+    allocation in force, see :func:`exposure_allocation_version`.
 
     An experiment that is not running (draft, paused, stopped) serves its control and
     publishes no exposure. An experiment the topic does not hold raises
@@ -981,8 +997,9 @@ class Router:
                 if self._exposed.get(key) == variant:
                     self._exposed.move_to_end(key)
                     return variant
-        if self.publisher.assignment(experiment_id, unit_id, variant, allocation_version=current.allocation_version,
-                                     segment=segment) and self.exposures is ExposureLogging.ONCE:
+        if self.publisher.assignment(experiment_id, unit_id, variant, segment=segment,
+                                     allocation_version=exposure_allocation_version(current.allocation_version)) \
+                and self.exposures is ExposureLogging.ONCE:
             with self._lock:
                 self._exposed[key] = variant
                 self._exposed.move_to_end(key)

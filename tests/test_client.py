@@ -439,6 +439,10 @@ def test_the_router_obeys_kill_switches_and_allocations_from_the_broker(settings
 def test_the_router_publishes_each_exposure_once_and_its_predictions_and_outcomes(settings):
     start_experiment(settings, {"control": 0.5, "challenger": 0.5})
     experiments.publish_config(settings, config({"control": 0.5, "b": 0.5}, "draft-one"))
+    # Allocation versions are publication times (ms); the exposure's field has 32 bits.
+    ensure_topics(settings)
+    version_ms = int(time.time() * 1000)
+    client.publish_control(settings, Allocation("ranker", {"control": 0.5, "challenger": 0.5}, version_ms))
     units = UNITS[:50]
     with Router(settings) as router:
         served = {u: router.variant_for("ranker", u, segment={"platform": "ios"}) for u in units}
@@ -453,6 +457,7 @@ def test_the_router_publishes_each_exposure_once_and_its_predictions_and_outcome
     exposures = [Codec().decode(EventKind.ASSIGNMENT, m.value()) for m in read_topic(settings, "assignments", 60, 3)]
     assert sorted(e["unit_id"] for e in exposures) == sorted(units)
     assert all(e["variant"] == served[e["unit_id"]] and e["segment"] == {"platform": "ios"} for e in exposures)
+    assert {e["allocation_version"] for e in exposures} == {version_ms // 1000}
     [prediction] = [Codec().decode(EventKind.PREDICTION, m.value()) for m in read_topic(settings, "predictions", 1)]
     assert (prediction["model_name"], prediction["model_version"]) == (f"model-{variant}", "v1")
 
