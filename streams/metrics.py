@@ -51,6 +51,9 @@ PREDICTION_LATENCY = Histogram(
 EVALUATION_ERRORS = Counter(
     "abstream_evaluation_errors_total", "Looks at an experiment that failed with an error (see the worker log).", ["experiment"]
 )
+REGISTRY_ERRORS = Counter(
+    "abstream_registry_errors_total", "Promotions the model registry hook failed to record (see the worker log)."
+)
 ALERTS = Counter(
     "abstream_alerts_total", "Guardrail alerts raised (state transitions, not repeats).", ["experiment", "guardrail", "severity"]
 )

@@ -52,6 +52,7 @@ class Settings:
     batch_within_s: float = 0.2
     decision_interval_s: float = 1.0
     exposure_retention_s: float = 7 * 24 * 3600.0
+    model_registry: str = ""
     broker_session_timeout_s: float = 30.0
 
     @classmethod
@@ -75,6 +76,7 @@ class Settings:
             batch_within_s=_float(env, "ABSTREAM_BATCH_WITHIN_S", cls.batch_within_s),
             decision_interval_s=_float(env, "ABSTREAM_DECISION_INTERVAL_S", cls.decision_interval_s),
             exposure_retention_s=_float(env, "ABSTREAM_EXPOSURE_RETENTION_S", cls.exposure_retention_s),
+            model_registry=env.get("ABSTREAM_MODEL_REGISTRY", ""),
             broker_session_timeout_s=_float(
                 env, "ABSTREAM_BROKER_SESSION_TIMEOUT_S", cls.broker_session_timeout_s
             ),
@@ -128,6 +130,7 @@ class Settings:
             "ABSTREAM_BATCH_WITHIN_S": str(self.batch_within_s),
             "ABSTREAM_DECISION_INTERVAL_S": str(self.decision_interval_s),
             "ABSTREAM_EXPOSURE_RETENTION_S": str(self.exposure_retention_s),
+            "ABSTREAM_MODEL_REGISTRY": self.model_registry,
             "ABSTREAM_BROKER_SESSION_TIMEOUT_S": str(self.broker_session_timeout_s),
         }
         by_key = {key: var for var, key in _KAFKA_PASSTHROUGH.items()}

@@ -31,6 +31,7 @@ from streams import fetch, metrics
 from streams.codec import Codec, ControlKind, schema_source
 from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
+from streams.registry import ModelRegistry, model_registry
 from streams.sink import Sink
 from streams.stage1 import Stage1, expired
 from streams.stage2 import ControlState, control, decision_record, evaluate, merged_partial, with_partial
@@ -73,7 +74,8 @@ def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | No
     return faust.SSLCredentials(ssl_context) if ssl_context else None
 
 
-def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehouse: Warehouse | None = None) -> faust.App:
+def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehouse: Warehouse | None = None,
+               registry: ModelRegistry | None = None) -> faust.App:
     """The Faust app of a worker; ``warehouse`` is set when this worker holds the sink role."""
     app = faust.App(
         f"{settings.topic_prefix}worker",
@@ -198,6 +200,14 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 metrics.SHADOW_DISAGREEMENT.labels(config.experiment_id, r.variant).set(r.observed)
             elif r.observed is not None and r.kind == "drift":
                 metrics.DRIFT_PSI.labels(config.experiment_id, r.variant).set(r.observed)
+        if actions.promoted and registry is not None:
+            variant = next(v for v in config.variants if v.name == actions.promoted)
+            try:
+                await app.loop.run_in_executor(None, registry.promote, config.experiment_id, variant.name,
+                                               variant.model_name, variant.model_version)
+            except Exception:  # the promote kill-switch record stands whatever the registry says
+                metrics.REGISTRY_ERRORS.inc()
+                log.exception("the model registry did not record the promotion of %s", variant.name)
         if new_state.to_dict() != state.to_dict():
             stored = {**stored, "control": new_state.to_dict()}
             write_table(experiment_partials, stored["partition"], config.experiment_id, stored)
@@ -281,7 +291,7 @@ def run_worker(settings: Settings, *, sink: bool, loglevel: str = "warning") -> 
         sink_role = Sink(settings, warehouse, Codec(schema_source(settings.schema_registry_url)))
         sink_role.start()
         endpoint.write_text(json.dumps({"pid": os.getpid(), "url": f"http://{settings.web_host}:{settings.web_port}"}))
-    app = create_app(settings, experiments, warehouse=warehouse)
+    app = create_app(settings, experiments, warehouse=warehouse, registry=model_registry(settings))
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that every log call turns it:
     # every debug line of aiokafka and Faust then builds a LogRecord (8% of the worker's CPU

@@ -166,3 +166,17 @@ def clickhouse_fault_env(hook_dir: Path, until_file: Path) -> dict[str, str]:
     (hook_dir / "sitecustomize.py").write_text(_CLICKHOUSE_FAULT_HOOK.replace("{var}", CLICKHOUSE_FAULT_FILE_VAR))
     path = os.pathsep.join(p for p in (str(hook_dir), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path, CLICKHOUSE_FAULT_FILE_VAR: str(until_file)}
+
+
+class PromotionRecorder:
+    """A model registry for tests (ABSTREAM_MODEL_REGISTRY=tests.support:PromotionRecorder):
+    appends each promotion to <home>/promotions.jsonl."""
+
+    def __init__(self, settings: Settings):
+        self.path = settings.home / "promotions.jsonl"
+
+    def promote(self, experiment_id: str, variant: str, model_name: str, model_version: str) -> None:
+        import json
+
+        with self.path.open("a") as f:
+            f.write(json.dumps([experiment_id, variant, model_name, model_version]) + "\n")

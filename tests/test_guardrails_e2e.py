@@ -2,6 +2,7 @@
 kill switches and allocations read back from their topics."""
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from dataclasses import replace
@@ -92,13 +93,15 @@ def run(kafka_broker, tmp_path_factory):
     from tests.support import make_settings
 
     tmp = tmp_path_factory.mktemp("guardrails")
-    settings = replace(make_settings(kafka_broker, tmp), exposure_retention_s=0)
+    settings = replace(make_settings(kafka_broker, tmp), exposure_retention_s=0,
+                       model_registry="tests.support:PromotionRecorder")
     ensure_topics(settings)
     canary = {"allocation": "canary", "canary_steps": [0.1, 0.5, 1.0], "canary_min_step_s": 60, "canary_min_step_sample": 50}
     for c in [
         config("latency", guardrails=[{"name": "p95", "kind": "latency_p95", "threshold": 1.5,
                                        "relative_to_control": True, "min_count": 200, "action": "kill"}]),
-        config("canary-ok", **canary),
+        config("canary-ok", **canary, variants=[{"name": "control", "model_name": "ranker", "model_version": "v1"},
+                                                {"name": "treatment", "model_name": "ranker", "model_version": "v2"}]),
         config("canary-bad", **canary, guardrails=[{"name": "errors", "kind": "error_rate", "threshold": 0.05,
                                                     "min_count": 50, "action": "kill"}]),
         config("shadow-8"), config("shadow-2"),
@@ -171,6 +174,8 @@ def test_healthy_canary_walks_every_step_to_promote(run):
     assert allocations[0]["version"] < allocations[1]["version"]
     orders = records(settings, KILLSWITCH, ControlKind.KILLSWITCH, "canary-ok")
     assert [(o["action"], o["variant"]) for o in orders] == [("promote", "treatment")]
+    promotions = (settings.home / "promotions.jsonl").read_text().splitlines()
+    assert [json.loads(p) for p in promotions] == [["canary-ok", "treatment", "ranker", "v2"]]
     assert records(settings, ALERTS, ControlKind.ALERT, "canary-ok") == []
 
 
