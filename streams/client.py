@@ -283,19 +283,6 @@ def effective_points(weights: Mapping[str, float], control: str, *, allocation: 
     return points
 
 
-_INT32_MAX = 2**31 - 1
-
-
-def exposure_allocation_version(version: int) -> int:
-    """The allocation version as the Assignment event's 32-bit ``allocation_version``.
-
-    Allocation versions are publication times in epoch milliseconds (every writer orders
-    its records that way), which do not fit 32 bits; those are carried as whole seconds,
-    which do until 2038, are the same in every process and keep the order. Small versions
-    pass unchanged."""
-    return version if 0 <= version <= _INT32_MAX else min(max(version // 1000, 0), _INT32_MAX)
-
-
 @dataclass(frozen=True)
 class Assigner:
     """A salt and a bucket layout: everything needed to assign units of one experiment.
@@ -917,7 +904,7 @@ class Router:
     recently used forgotten first), so a restarted or second replica publishes a unit's
     exposure again; the workers keep the first. ``"always"`` publishes on every call,
     ``"never"`` leaves it to the caller. The exposure's ``allocation_version`` is the
-    allocation in force, see :func:`exposure_allocation_version`.
+    allocation in force (its version, a publication time in ms).
 
     An experiment that is not running (draft, paused, stopped) serves its control and
     publishes no exposure. An experiment the topic does not hold raises
@@ -998,7 +985,7 @@ class Router:
                     self._exposed.move_to_end(key)
                     return variant
         if self.publisher.assignment(experiment_id, unit_id, variant, segment=segment,
-                                     allocation_version=exposure_allocation_version(current.allocation_version)) \
+                                     allocation_version=current.allocation_version) \
                 and self.exposures is ExposureLogging.ONCE:
             with self._lock:
                 self._exposed[key] = variant

@@ -101,11 +101,26 @@ def test_events_written_with_an_older_schema_still_decode(tmp_path):
     v2["fields"].append({"name": "region", "type": "string", "default": "unknown"})
     (tmp_path / "prediction.v2.avsc").write_text(json.dumps(v2))
     catalogue = json.loads((SCHEMA_DIR / "catalogue.json").read_text())
-    catalogue["schemas"].append({"id": 5, "kind": "prediction", "file": "prediction.v2.avsc"})
+    catalogue["schemas"].append({"id": 1000, "kind": "prediction", "file": "prediction.v2.avsc"})
     (tmp_path / "catalogue.json").write_text(json.dumps(catalogue))
 
     old_bytes = Codec().encode(EventKind.PREDICTION, RECORDS[EventKind.PREDICTION])
     evolved = LocalCatalogue(tmp_path)
-    assert evolved.id_for(EventKind.PREDICTION) == 5
+    assert evolved.id_for(EventKind.PREDICTION) == 1000
     decoded = Codec(evolved, readers=evolved).decode(EventKind.PREDICTION, old_bytes)
     assert decoded == {**RECORDS[EventKind.PREDICTION], "region": "unknown"}
+
+
+def test_assignments_written_with_v1_decode_under_v2():
+    """Assignment v2 widened allocation_version from int to long (Avro promotes int to long)."""
+    from streams.codec import SCHEMA_DIR
+    import fastavro, io, json, struct
+
+    v1 = fastavro.parse_schema(json.loads((SCHEMA_DIR / "assignment.v1.avsc").read_text()), named_schemas={})
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, v1, RECORDS[EventKind.ASSIGNMENT])
+    v1_bytes = b"\x00" + struct.pack(">I", 1) + body.getvalue()
+    assert LocalCatalogue().id_for(EventKind.ASSIGNMENT) == 10
+    assert Codec().decode(EventKind.ASSIGNMENT, v1_bytes) == RECORDS[EventKind.ASSIGNMENT]
+    big = {**RECORDS[EventKind.ASSIGNMENT], "allocation_version": 1_767_225_600_000}
+    assert Codec().decode(EventKind.ASSIGNMENT, Codec().encode(EventKind.ASSIGNMENT, big)) == big

@@ -12,13 +12,16 @@ CREATE TABLE IF NOT EXISTS {db}.assignments
     experiment_id LowCardinality(String),
     unit_id String,
     variant LowCardinality(String),
-    allocation_version Int32,
+    allocation_version Int64,
     segment Map(LowCardinality(String), String),
     INDEX event_id_bloom event_id TYPE bloom_filter GRANULARITY 4
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (experiment_id, unit_id, event_time);
+
+-- Assignment v2 widened allocation_version to long; tables made before keep working after this.
+ALTER TABLE {db}.assignments MODIFY COLUMN allocation_version Int64;
 
 CREATE TABLE IF NOT EXISTS {db}.predictions
 (
