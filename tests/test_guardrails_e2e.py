@@ -245,3 +245,44 @@ def test_a_person_kills_and_resumes_a_variant_from_the_command_line(settings):
     assert control.returncode == 1 and len(control.stderr.strip().splitlines()) == 1 and "control" in control.stderr
     unknown = run("kill", "manual", "--variant", "nope")
     assert unknown.returncode == 1 and "no variant 'nope'" in unknown.stderr
+
+
+def test_a_router_stops_sending_units_to_a_killed_challenger(run):
+    """A router built on the client library: the challenger's latency jumps, stage 2 kills it,
+    and from the moment the router has read the kill switch no unit goes to the challenger."""
+    from streams.client import Router
+
+    settings, _, _ = run
+    publish_config(settings, config("router", guardrails=[{"name": "p95", "kind": "latency_p95", "threshold": 1.5,
+                                                            "relative_to_control": True, "min_count": 100,
+                                                            "action": "kill"}]))
+    router = Router(settings).start()
+    first_breach = None
+    after_kill: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        for i in range(1_000_000):
+            assert time.monotonic() < deadline, "the router never saw the kill switch"
+            killed = router.weights("router").get("treatment", 1.0) == 0.0
+            variant = router.variant_for("router", f"router-u{i}")
+            if killed:
+                after_kill.append(variant)
+                if len(after_kill) >= 1000:
+                    break
+                continue
+            slow = variant == "treatment" and i >= 1000
+            if slow and first_breach is None:
+                first_breach = time.time()
+            router.record_prediction("router", f"router-u{i}", request_id=f"router-r{i}", variant=variant,
+                                     latency_ms=160.0 if slow else 40.0 + (i % 7), score=0.5)
+            if i % 100 == 0:
+                router.publisher.flush(10)
+                time.sleep(0.01)  # a service's traffic arrives over time, not all at once
+    finally:
+        router.close()
+    assert set(after_kill) == {"control"}
+    [kill] = [k for k in records(settings, KILLSWITCH, ControlKind.KILLSWITCH, "router") if k["action"] == "kill"]
+    kill_ms = max(m.timestamp()[1] for m in read_all(settings, settings.topic(KILLSWITCH))
+                  if CODEC.decode(ControlKind.KILLSWITCH, m.value())["experiment_id"] == "router")
+    print(f"\nrouter: from the first slow prediction to the kill switch: {kill_ms / 1000 - first_breach:.2f} s")
+    assert kill["variant"] == "treatment"
