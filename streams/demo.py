@@ -404,14 +404,15 @@ class Started:
                     os.killpg(w.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+        deadline = time.monotonic() + 8  # then SIGKILL: an interrupted demo must end promptly
         for w in self.workers:
             try:
-                w.wait(20)
+                w.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(w.pid, signal.SIGKILL)
                 w.wait()
         if self.broker_dir is not None:
-            local_kafka.stop(data_dir=self.broker_dir, timeout_s=20)
+            local_kafka.stop(data_dir=self.broker_dir, timeout_s=10)
 
 
 def _start_broker(settings: Settings, started: Started, say) -> None:

@@ -126,6 +126,12 @@ def render(day, view, configs: dict[str, Any], sim_ms: int, end_ms: int, pace, *
     notes = []
     for i, experiment_id in enumerate(EXPERIMENTS, 1):
         decision = view.latest_decision(experiment_id)
+        # After a promotion control serves no one and the decision compares nothing: show the
+        # last look that compared the challenger with control.
+        compared = [d for d in view.of(ControlKind.DECISION, experiment_id)
+                    if any(c["primary"] and c["lift"] is not None for c in d["comparisons"])]
+        if decision is not None and compared and not any(c["primary"] for c in decision["comparisons"]):
+            decision = max(compared, key=lambda d: d["decision_time"])
         name = Text.assemble((f"{i}. {experiment_id}", "bold"), "\n", (STORIES[experiment_id], "dim"))
         table.add_row(name, _traffic(day, experiment_id, configs[experiment_id]), _lift(decision), _verdict(decision),
                       _alerts(view.of(ControlKind.ALERT, experiment_id)), end_section=True)
