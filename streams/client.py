@@ -64,12 +64,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
 from streams.codec import Codec, ControlKind, DeadLetter, EventKind, schema_source, validate
 from streams.experiments import ExperimentCatalogue, ExperimentConfig
 from streams.settings import Settings
-from streams.topics import ALLOCATIONS, INPUT_TOPICS, KILLSWITCH, TopicError, ensure_topics, make_producer
+from streams.topics import ALLOCATIONS, INPUT_TOPICS, KILLSWITCH, TopicError, TopicFollower, ensure_topics, make_producer
 
 log = logging.getLogger(__name__)
 _client_log = logging.getLogger("streams.client.librdkafka")
@@ -359,130 +359,25 @@ def publish_control(settings: Settings, order: KillSwitch | Allocation, *, codec
 # Control-plane follower
 # ---------------------------------------------------------------------------------------
 
-def _reader(settings: Settings, role: str) -> Consumer:
-    # assign() only, never commits: the group id is required by librdkafka but unused.
-    return Consumer(settings.kafka_config(**{
-        "logger": _client_log,
-        "group.id": f"{settings.topic_prefix}{role}-reader",
-        "enable.auto.commit": "false",
-        "enable.partition.eof": "true",
-        "auto.offset.reset": "earliest",
-    }))
-
-
-_NOT_READY = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT}
-
-
-def _high_watermark(consumer: Consumer, partition: TopicPartition, deadline: float) -> int:
-    """The partition's high watermark, asking again while a new topic's leader is being
-    elected (a topic created a moment ago answers NOT_LEADER_FOR_PARTITION for a while)."""
-    while True:
-        try:
-            return consumer.get_watermark_offsets(partition, timeout=max(0.5, deadline - time.monotonic()),
-                                                  cached=False)[1]
-        except KafkaException as exc:
-            if exc.args[0].code() not in _NOT_READY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-class ControlFollower:
+class ControlFollower(TopicFollower):
     """``<prefix>killswitch`` and ``<prefix>allocations`` followed in a background thread:
     the kill switch and allocation in force for every experiment (highest version wins).
-
-    ``version`` increases on every change in force; records that do not decode, or whose
-    key does not match their experiment_id, are skipped and counted in ``skipped``.
+    See :class:`streams.topics.TopicFollower` for ``version``, ``wait_until_caught_up`` and
+    ``wait_for_change``; records that do not decode, or whose key does not match their
+    experiment_id, are skipped and counted in ``skipped``. :meth:`start` raises
+    :class:`TopicError` when a topic is missing (``ensure_topics`` creates them).
     """
 
     def __init__(self, settings: Settings, *, codec: Codec | None = None, poll_s: float = 0.1):
-        self.settings = settings
-        self.topics = {settings.topic(KILLSWITCH): ControlKind.KILLSWITCH,
-                       settings.topic(ALLOCATIONS): ControlKind.ALLOCATION}
+        self.kinds = {settings.topic(KILLSWITCH): ControlKind.KILLSWITCH,
+                      settings.topic(ALLOCATIONS): ControlKind.ALLOCATION}
+        super().__init__(settings, list(self.kinds), role="control", poll_s=poll_s)
         self._codec = codec or Codec(schema_source(settings.schema_registry_url))
-        self._poll_s = poll_s
         self._killswitches: dict[str, KillSwitch] = {}
         self._allocations: dict[str, Allocation] = {}
-        self._version = 0
-        self.skipped = 0
-        self._changed = threading.Condition()
-        self._read_to: dict[tuple[str, int], int] = {}
-        self._start_ends: dict[tuple[str, int], int] = {}
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: str | None = None
 
-    def __enter__(self) -> "ControlFollower":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def start(self, timeout_s: float = 30.0) -> "ControlFollower":
-        """Note the topics' high watermarks and start following them from the beginning;
-        raises :class:`TopicError` when a topic is missing (``ensure_topics`` creates them)."""
-        if self._thread is not None:
-            return self
-        consumer = _reader(self.settings, "control")
-        deadline = time.monotonic() + timeout_s
-        try:
-            assignment = []
-            existing = consumer.list_topics(timeout=timeout_s).topics
-            for topic in self.topics:
-                if topic not in existing:
-                    raise TopicError(f"topic {topic} does not exist; create it with `abstream worker` or ensure_topics()")
-                for p in sorted(existing[topic].partitions):
-                    self._start_ends[(topic, p)] = _high_watermark(consumer, TopicPartition(topic, p), deadline)
-                    assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
-            consumer.assign(assignment)
-        except KafkaException as exc:
-            consumer.close()
-            raise TopicError(f"cannot follow {', '.join(self.topics)}: {exc.args[0].str()}") from None
-        except TopicError:
-            consumer.close()
-            raise
-        self._stopping.clear()
-        self._error = None
-        self._thread = threading.Thread(target=self._follow, args=(consumer,), name="control-follower", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-    def _follow(self, consumer: Consumer) -> None:
-        try:
-            while not self._stopping.is_set():
-                msg = consumer.poll(self._poll_s)
-                if msg is None:
-                    continue
-                error = msg.error()
-                if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                    if error.fatal():
-                        raise TopicError(error.str())
-                    continue  # librdkafka retries transient errors itself
-                if error is None:
-                    self._apply(msg)
-                    position = msg.offset() + 1
-                else:
-                    position = msg.offset()
-                where = (msg.topic(), msg.partition())
-                with self._changed:
-                    self._read_to[where] = max(position, self._read_to.get(where, 0))
-                    self._changed.notify_all()
-        except Exception as exc:  # keep serving the last known state, and say why it stopped
-            self._error = f"{type(exc).__name__}: {exc}"
-            log.error("control follower stopped: %s", self._error)
-        finally:
-            consumer.close()
-            with self._changed:
-                self._changed.notify_all()
-
-    def _apply(self, msg) -> None:
-        kind = self.topics[msg.topic()]
+    def _apply(self, msg) -> bool:
+        kind = self.kinds[msg.topic()]
         key = msg.key().decode("utf-8", "replace") if msg.key() is not None else None
         state: dict = self._killswitches if kind is ControlKind.KILLSWITCH else self._allocations
         try:
@@ -490,10 +385,7 @@ class ControlFollower:
                 if key is None:
                     raise ValueError("tombstone without a key")
                 with self._changed:
-                    if state.pop(key, None) is not None:
-                        self._version += 1
-                        self._changed.notify_all()
-                return
+                    return state.pop(key, None) is not None
             record = self._codec.decode(kind, msg.value())
             if isinstance(record, DeadLetter):
                 raise ValueError(f"{record.reason.value}: {record.detail}")
@@ -503,59 +395,22 @@ class ControlFollower:
         except (ValueError, KeyError) as exc:
             self.skipped += 1
             log.warning("skipped record at %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
-            return
+            return False
         with self._changed:
             current = state.get(parsed.experiment_id)
             if current is not None and parsed.version <= current.version:
                 if parsed.version < current.version:
                     log.info("ignored %s v%d of %s: v%d is in force", kind.value, parsed.version,
                              parsed.experiment_id, current.version)
-                return
+                return False
             state[parsed.experiment_id] = parsed
-            self._version += 1
-            self._changed.notify_all()
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def error(self) -> str | None:
-        """Why the follower stopped, or None while it follows."""
-        return self._error
+            return True
 
     def killswitch(self, experiment_id: str) -> KillSwitch | None:
         return self._killswitches.get(experiment_id)
 
     def allocation(self, experiment_id: str) -> Allocation | None:
         return self._allocations.get(experiment_id)
-
-    def wait_until_caught_up(self, timeout_s: float = 30.0) -> None:
-        """Return once every record up to the high watermarks seen at :meth:`start` has been
-        read; raises :class:`TopicError` on timeout or when the follower died."""
-        if self._thread is None:
-            raise TopicError("the control follower is not started")
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while any(self._read_to.get(where, 0) < end for where, end in self._start_ends.items()):
-                if self._error is not None:
-                    raise TopicError(f"control follower stopped: {self._error}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TopicError(f"did not read {', '.join(self.topics)} to their ends within {timeout_s:g} s")
-                self._changed.wait(left)
-
-    def wait_for_change(self, since_version: int, timeout_s: float) -> int:
-        """Block until ``version`` differs from ``since_version`` or ``timeout_s`` passes;
-        return the version then."""
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while self._version == since_version and self._error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
-            return self._version
 
 
 # ---------------------------------------------------------------------------------------

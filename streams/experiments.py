@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import re
-import threading
 import time
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -24,12 +23,12 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from streams.codec import Codec, ControlKind, DeadLetter, schema_source
 from streams.settings import Settings
-from streams.topics import TopicError, make_producer, read_latest
+from streams.topics import TopicError, TopicFollower, make_producer, read_latest
 
 log = logging.getLogger(__name__)
 # librdkafka's own log lines go here rather than to stderr, where they would break the
@@ -871,17 +870,6 @@ def _decode(codec: Codec, key: bytes | None, value: bytes | None) -> tuple[str |
     return config.experiment_id, config
 
 
-def _reader(settings: Settings) -> Consumer:
-    # assign() only, never commits: the group id is required by librdkafka but unused.
-    return Consumer(settings.kafka_config(**{
-        "logger": _client_log,
-        "group.id": f"{settings.topic_prefix}experiments-reader",
-        "enable.auto.commit": "false",
-        "enable.partition.eof": "true",
-        "auto.offset.reset": "earliest",
-    }))
-
-
 @dataclass(frozen=True)
 class ConfigScan:
     """The topic read to its end: newest config per experiment, and records skipped as undecodable."""
@@ -919,125 +907,41 @@ def read_configs(settings: Settings, timeout_s: float = 10.0) -> dict[str, Exper
     return scan_configs(settings, timeout_s).configs
 
 
-class ExperimentCatalogue:
+class ExperimentCatalogue(TopicFollower):
     """The experiments topic followed in a background thread: the newest config of every
-    experiment, kept current for as long as it runs.
-
-    ``version`` increases by one on every change (a new or changed config, a tombstone),
-    so a caller can compare it with the value it last saw, or block in
-    :meth:`wait_for_change`. Records that do not decode are skipped and counted in ``skipped``.
+    experiment, kept current for as long as it runs (see :class:`streams.topics.TopicFollower`:
+    ``version``, ``wait_until_caught_up``, ``refresh``, ``wait_for_change``). Records that do
+    not decode are skipped and counted in ``skipped``.
     """
 
+    error_type = ExperimentTopicError
+
     def __init__(self, settings: Settings, *, codec: Codec | None = None, poll_s: float = 0.2):
-        self.settings = settings
+        super().__init__(settings, [experiments_topic(settings)], role="experiments", poll_s=poll_s)
         self.topic = experiments_topic(settings)
         self._codec = codec or _codec(settings)
-        self._poll_s = poll_s
         self._configs: dict[str, ExperimentConfig] = {}
-        self._version = 0
-        self.skipped = 0
-        self._changed = threading.Condition()
-        self._read_to: dict[int, int] = {}  # partition -> offset after the last one read
-        self._start_ends: dict[int, int] = {}
-        self._probe: Consumer | None = None  # asks for high watermarks, from callers' threads
-        self._probe_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: str | None = None
-
-    def __enter__(self) -> "ExperimentCatalogue":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
     def start(self, timeout_s: float = 30.0) -> "ExperimentCatalogue":
-        """Create the topic if missing, note its high watermarks, start following it."""
-        if self._thread is not None:
-            return self
-        ensure_experiments_topic(self.settings, timeout_s)
-        self._probe = _reader(self.settings)
-        consumer = _reader(self.settings)
-        try:
-            partitions = sorted(consumer.list_topics(self.topic, timeout=timeout_s).topics[self.topic].partitions)
-            self._start_ends = self._high_watermarks(partitions, timeout_s)
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
-        except KafkaException as exc:
-            consumer.close()
-            raise ExperimentTopicError(f"cannot follow {self.topic}: {exc.args[0].str()}") from None
-        self._partitions = partitions
-        self._stopping.clear()
-        self._error = None
-        self._thread = threading.Thread(target=self._follow, args=(consumer,),
-                                         name=f"experiment-catalogue-{self.topic}", daemon=True)
-        self._thread.start()
-        return self
+        """Create the topic if missing, note its high watermark, start following it."""
+        if self._thread is None:
+            ensure_experiments_topic(self.settings, timeout_s)
+        return super().start(timeout_s)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-        if self._probe is not None:
-            with self._probe_lock:
-                self._probe.close()
-                self._probe = None
-
-    def _high_watermarks(self, partitions: Iterable[int], timeout_s: float) -> dict[int, int]:
-        with self._probe_lock:
-            if self._probe is None:
-                raise ExperimentTopicError("the experiment catalogue is not started")
-            return {p: self._probe.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s, cached=False)[1]
-                    for p in partitions}
-
-    def _follow(self, consumer: Consumer) -> None:
-        try:
-            while not self._stopping.is_set():
-                msg = consumer.poll(self._poll_s)
-                if msg is None:
-                    continue
-                error = msg.error()
-                if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                    if error.fatal():
-                        raise ExperimentTopicError(error.str())
-                    continue  # librdkafka retries transient errors itself
-                if error is None:
-                    self._apply(msg)
-                    position = msg.offset() + 1
-                else:
-                    position = msg.offset()
-                with self._changed:
-                    self._read_to[msg.partition()] = max(position, self._read_to.get(msg.partition(), 0))
-                    self._changed.notify_all()
-        except Exception as exc:  # keep serving the last known configs, and say why it stopped
-            self._error = f"{type(exc).__name__}: {exc}"
-            log.error("experiment catalogue stopped following %s: %s", self.topic, self._error)
-        finally:
-            consumer.close()
-            with self._changed:
-                self._changed.notify_all()
-
-    def _apply(self, msg) -> None:
+    def _apply(self, msg) -> bool:
         try:
             experiment_id, config = _decode(self._codec, msg.key(), msg.value())
         except ValueError as exc:
             self.skipped += 1
             log.warning("skipped record at %s[%d]@%d: %s", self.topic, msg.partition(), msg.offset(), exc)
-            return
+            return False
         with self._changed:
             if config is None:
-                if self._configs.pop(experiment_id, None) is None:
-                    return
-            elif self._configs.get(experiment_id) == config:
-                return
-            else:
-                self._configs[experiment_id] = config
-            self._version += 1
-            self._changed.notify_all()
-
-    @property
-    def version(self) -> int:
-        return self._version
+                return self._configs.pop(experiment_id, None) is not None
+            if self._configs.get(experiment_id) == config:
+                return False
+            self._configs[experiment_id] = config
+            return True
 
     def get(self, experiment_id: str) -> ExperimentConfig | None:
         """The newest config of the experiment, or None when the topic has none."""
@@ -1047,48 +951,6 @@ class ExperimentCatalogue:
         """A copy of experiment_id -> newest config."""
         with self._changed:
             return dict(self._configs)
-
-    def _wait_until_read(self, ends: dict[int, int], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while any(self._read_to.get(p, 0) < end for p, end in ends.items()):
-                if self._error is not None:
-                    raise ExperimentTopicError(f"experiment catalogue stopped: {self._error}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ExperimentTopicError(f"did not read {self.topic} to offsets {ends} within {timeout_s:g} s")
-                self._changed.wait(left)
-
-    def wait_until_caught_up(self, timeout_s: float = 30.0) -> None:
-        """Return once every record up to the high watermark seen at :meth:`start` has been
-        read; raises :class:`ExperimentTopicError` on timeout or when the follower died."""
-        if self._thread is None:
-            raise ExperimentTopicError("the experiment catalogue is not started")
-        self._wait_until_read(self._start_ends, timeout_s)
-
-    def refresh(self, timeout_s: float = 5.0) -> None:
-        """Return once every record published before this call has been read: for a caller
-        that meets an experiment_id it does not know yet. Costs one broker round trip;
-        raises :class:`ExperimentTopicError` on timeout or when the follower died."""
-        if self._thread is None:
-            raise ExperimentTopicError("the experiment catalogue is not started")
-        try:
-            ends = self._high_watermarks(self._partitions, timeout_s)
-        except KafkaException as exc:
-            raise ExperimentTopicError(f"cannot ask for the end of {self.topic}: {exc.args[0].str()}") from None
-        self._wait_until_read(ends, timeout_s)
-
-    def wait_for_change(self, since_version: int, timeout_s: float) -> int:
-        """Block until ``version`` differs from ``since_version`` or ``timeout_s`` passes;
-        return the version then."""
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while self._version == since_version and self._error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
-            return self._version
 
 
 def order(settings: Settings, config: ExperimentConfig, action: str, variant: str, reason: str,

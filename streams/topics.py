@@ -1,6 +1,8 @@
 """Topic names, topic creation and the dead-letter message format."""
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -8,6 +10,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.codec import DeadLetter, EventKind
 from streams.settings import Settings
+
+log = logging.getLogger("abstream.topics")
 
 # Input topics are keyed by unit_id and co-partitioned, so that a unit's exposure and its
 # later outcomes meet in the same partition (and worker).
@@ -167,3 +171,196 @@ def read_latest(settings: Settings, topic: str, timeout_s: float = 10.0) -> dict
     finally:
         consumer.close()
     return latest
+
+
+# Errors of a partition whose topic was created a moment ago (its leader is being elected).
+_NOT_READY = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT}
+
+
+class TopicFollower:
+    """Compacted topics followed from their beginning in a background thread: the state a
+    subclass builds from them is kept current for as long as it runs.
+
+    A subclass names its topics and implements :meth:`_apply`, which reads one message and
+    returns whether the state changed; ``version`` then increases, so callers can compare it
+    with the value they last saw or block in :meth:`wait_for_change`. Errors are raised as
+    ``error_type`` (a :class:`TopicError`).
+    """
+
+    error_type: type[TopicError] = TopicError
+
+    def __init__(self, settings: Settings, topics: list[str], *, role: str, poll_s: float = 0.2):
+        self.settings = settings
+        self.topics = list(topics)
+        self._role = role
+        self._poll_s = poll_s
+        self._version = 0
+        self.skipped = 0
+        self._changed = threading.Condition()
+        self._read_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last read
+        self._start_ends: dict[tuple[str, int], int] = {}
+        self._partitions: list[tuple[str, int]] = []
+        self._probe = None  # asks for high watermarks, from callers' threads
+        self._probe_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _reader(self):
+        from confluent_kafka import Consumer
+
+        # assign() only, never commits: the group id is required by librdkafka but unused.
+        return Consumer(self.settings.kafka_config(**{
+            "group.id": f"{self.settings.topic_prefix}{self._role}-reader", "enable.auto.commit": "false",
+            "enable.partition.eof": "true", "auto.offset.reset": "earliest"}))
+
+    def start(self, timeout_s: float = 30.0):
+        """Note the topics' high watermarks and start following them from the beginning."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        if self._thread is not None:
+            return self
+        deadline = time.monotonic() + timeout_s
+        self._probe = self._reader()
+        consumer = self._reader()
+        try:
+            existing = consumer.list_topics(timeout=timeout_s).topics
+            missing = [t for t in self.topics if t not in existing]
+            if missing:
+                raise self.error_type(f"topic {missing[0]} does not exist; a worker creates it (or ensure_topics())")
+            self._partitions = [(t, p) for t in self.topics for p in sorted(existing[t].partitions)]
+            self._start_ends = self._high_watermarks(deadline)
+            consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in self._partitions])
+        except KafkaException as exc:
+            consumer.close()
+            self._close_probe()
+            raise self.error_type(f"cannot follow {', '.join(self.topics)}: {exc.args[0].str()}") from None
+        except TopicError:
+            consumer.close()
+            self._close_probe()
+            raise
+        self._stopping.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._follow, args=(consumer,), name=f"{self._role}-follower", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        self._close_probe()
+
+    def _close_probe(self) -> None:
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
+
+    def _high_watermarks(self, deadline: float) -> dict[tuple[str, int], int]:
+        from confluent_kafka import TopicPartition
+
+        ends = {}
+        with self._probe_lock:
+            if self._probe is None:
+                raise self.error_type(f"the {self._role} follower is not started")
+            for topic, partition in self._partitions:
+                while True:
+                    try:
+                        ends[(topic, partition)] = self._probe.get_watermark_offsets(
+                            TopicPartition(topic, partition), timeout=max(0.5, deadline - time.monotonic()), cached=False)[1]
+                        break
+                    except KafkaException as exc:
+                        if exc.args[0].code() not in _NOT_READY or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.1)
+        return ends
+
+    def _follow(self, consumer) -> None:
+        try:
+            while not self._stopping.is_set():
+                message = consumer.poll(self._poll_s)
+                if message is None:
+                    continue
+                error = message.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    if error.fatal():
+                        raise self.error_type(error.str())
+                    continue  # librdkafka retries transient errors itself
+                changed = self._apply(message) if error is None else False
+                position = message.offset() + 1 if error is None else message.offset()
+                where = (message.topic(), message.partition())
+                with self._changed:
+                    if changed:
+                        self._version += 1
+                    self._read_to[where] = max(position, self._read_to.get(where, 0))
+                    self._changed.notify_all()
+        except Exception as exc:  # keep serving the last known state, and say why it stopped
+            self._error = f"{type(exc).__name__}: {exc}"
+            log.error("%s follower stopped: %s", self._role, self._error)
+        finally:
+            consumer.close()
+            with self._changed:
+                self._changed.notify_all()
+
+    def _apply(self, message) -> bool:
+        """Read one record into the state (under ``self._changed`` where it mutates shared
+        state); True when the state changed."""
+        raise NotImplementedError
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def error(self) -> str | None:
+        """Why the follower stopped, or None while it follows."""
+        return self._error
+
+    def _wait_until_read(self, ends: dict[tuple[str, int], int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while any(self._read_to.get(where, 0) < end for where, end in ends.items()):
+                if self._error is not None:
+                    raise self.error_type(f"the {self._role} follower stopped: {self._error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self.error_type(f"did not read {', '.join(self.topics)} to their ends within {timeout_s:g} s")
+                self._changed.wait(left)
+
+    def wait_until_caught_up(self, timeout_s: float = 30.0) -> None:
+        """Return once every record up to the high watermarks seen at :meth:`start` has been read."""
+        if self._thread is None:
+            raise self.error_type(f"the {self._role} follower is not started")
+        self._wait_until_read(self._start_ends, timeout_s)
+
+    def refresh(self, timeout_s: float = 5.0) -> None:
+        """Return once every record published before this call has been read: for a caller
+        that meets a key it does not know yet. Costs one broker round trip."""
+        if self._thread is None:
+            raise self.error_type(f"the {self._role} follower is not started")
+        try:
+            ends = self._high_watermarks(time.monotonic() + timeout_s)
+        except KafkaException as exc:
+            raise self.error_type(f"cannot ask for the end of {', '.join(self.topics)}: {exc.args[0].str()}") from None
+        self._wait_until_read(ends, timeout_s)
+
+    def wait_for_change(self, since_version: int, timeout_s: float) -> int:
+        """Block until ``version`` differs from ``since_version`` or ``timeout_s`` passes;
+        return the version then."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._version == since_version and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return self._version
