@@ -28,6 +28,7 @@ SINK_ROWS = Counter("abstream_sink_rows_total", "Rows written to ClickHouse, by 
 SINK_DUPLICATES = Counter(
     "abstream_sink_duplicates_total", "Rows the sink did not write because the table already held them.", ["table"]
 )
+SINK_FAILURES = Counter("abstream_sink_failures_total", "Times the sink stopped on an unexpected error (see /health).")
 SINK_RETRIES = Counter("abstream_sink_retries_total", "Failed ClickHouse writes the sink retried.")
 SINK_BATCH_ROWS = Histogram(
     "abstream_sink_batch_rows", "Rows per sink batch.", buckets=(1, 10, 100, 500, 1000, 5000, 10000, 50000)

@@ -55,6 +55,7 @@ class Sink:
         self._columns = {kind: event_columns(kind) for kind in EventKind}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.failure: str | None = None  # why the sink stopped on its own, for /health
 
     def start(self) -> None:
         self.warehouse.apply_schema()
@@ -74,23 +75,31 @@ class Sink:
             "partition.assignment.strategy": "cooperative-sticky",
         }))
         consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, *self._control])
-        lag_measured = 0.0
         try:
-            while not self._stop.is_set():
-                messages = consumer.consume(num_messages=self.batch_max, timeout=0.5)
-                messages = [m for m in messages if self._usable(m)]
-                if time.monotonic() - lag_measured > 5:
-                    metrics.INPUT_LAG.labels("sink").set(_input_lag(consumer, self._kinds))
-                    lag_measured = time.monotonic()
-                if not messages:
-                    metrics.SINK_LAG_SECONDS.set(0)
-                    continue
-                self._write_until_done(messages)
-                consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
-                oldest_ms = min(m.timestamp()[1] for m in messages)
-                metrics.SINK_LAG_SECONDS.set(max(0.0, time.time() - oldest_ms / 1000))
+            self._consume(consumer)
+        except Exception as exc:  # the sink must not vanish silently: /health turns to failing
+            self.failure = f"{type(exc).__name__}: {exc}"
+            metrics.SINK_FAILURES.inc()
+            log.exception("the ClickHouse sink stopped")
         finally:
             consumer.close()
+
+    def _consume(self, consumer: Consumer) -> None:
+        lag_measured = 0.0
+        while not self._stop.is_set():
+            messages = consumer.consume(num_messages=self.batch_max, timeout=0.5)
+            messages = [m for m in messages if self._usable(m)]
+            if time.monotonic() - lag_measured > 5:
+                metrics.INPUT_LAG.labels("sink").set(_input_lag(consumer, self._kinds))
+                lag_measured = time.monotonic()
+            if not messages:
+                metrics.SINK_LAG_SECONDS.set(0)
+                continue
+            if not self._write_until_done(messages):
+                return  # stopping: the batch is not committed and will be read again
+            consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+            oldest_ms = min(m.timestamp()[1] for m in messages)
+            metrics.SINK_LAG_SECONDS.set(max(0.0, time.time() - oldest_ms / 1000))
 
     def _usable(self, message: Message) -> bool:
         if message.error() is not None:
@@ -98,21 +107,22 @@ class Sink:
             return False
         return True
 
-    def _write_until_done(self, messages: Sequence[Message]) -> None:
-        # Back-pressure: while ClickHouse fails, the sink retries this batch and reads no more.
+    def _write_until_done(self, messages: Sequence[Message]) -> bool:
+        """Write the batch, retrying while ClickHouse fails (back-pressure: no more is read
+        meanwhile); False when the sink is stopped before the batch could be written."""
         delay_s = 0.1
         while True:
             try:
                 self.write(messages)
                 metrics.SINK_LAST_WRITE.set(time.time())
-                return
+                return True
             except WarehouseError as exc:
                 metrics.SINK_RETRIES.inc()
                 # The batch waits: its age is the sink's lag, and on-call should see it grow.
                 metrics.SINK_LAG_SECONDS.set(max(0.0, time.time() - min(m.timestamp()[1] for m in messages) / 1000))
                 log.warning("sink write failed, retrying in %.1f s: %s", delay_s, exc)
                 if self._stop.wait(delay_s):
-                    raise
+                    return False
                 delay_s = min(self.retry_max_s, delay_s * 2)
 
     def write(self, messages: Sequence[Message]) -> None:

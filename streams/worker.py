@@ -75,7 +75,7 @@ def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | No
 
 
 def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehouse: Warehouse | None = None,
-               registry: ModelRegistry | None = None) -> faust.App:
+               sink: Sink | None = None, registry: ModelRegistry | None = None) -> faust.App:
     """The Faust app of a worker; ``warehouse`` is set when this worker holds the sink role."""
     app = faust.App(
         f"{settings.topic_prefix}worker",
@@ -234,6 +234,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
 
     @app.page("/health")
     async def health_page(web, request):
+        if sink is not None and sink.failure is not None:
+            return web.json({"status": "failing", "sink": warehouse is not None, "reason": sink.failure}, status=503)
         return web.json({"status": "ok", "sink": warehouse is not None})
 
     @app.page("/experiments/{experiment_id}")
@@ -291,7 +293,7 @@ def run_worker(settings: Settings, *, sink: bool, loglevel: str = "warning") -> 
         sink_role = Sink(settings, warehouse, Codec(schema_source(settings.schema_registry_url)))
         sink_role.start()
         endpoint.write_text(json.dumps({"pid": os.getpid(), "url": f"http://{settings.web_host}:{settings.web_port}"}))
-    app = create_app(settings, experiments, warehouse=warehouse, registry=model_registry(settings))
+    app = create_app(settings, experiments, warehouse=warehouse, sink=sink_role, registry=model_registry(settings))
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that every log call turns it:
     # every debug line of aiokafka and Faust then builds a LogRecord (8% of the worker's CPU
