@@ -462,12 +462,28 @@ def test_the_router_publishes_each_exposure_once_and_its_predictions_and_outcome
     assert (prediction["model_name"], prediction["model_version"]) == (f"model-{variant}", "v1")
 
 
-def test_the_example_router_imports():
-    """Import check of examples/router/app.py. The example and FastAPI are optional (not
-    dependencies of abstream), so this test is skipped when FastAPI is not installed; no
-    required behaviour depends on it."""
-    pytest.importorskip("fastapi")
+@pytest.mark.kafka
+def test_the_example_router_serves_sticky_predictions(settings, monkeypatch):
+    """examples/router/app.py, run in-process by FastAPI's test client against the real broker."""
+    from fastapi.testclient import TestClient
+
+    from streams.experiments import load_config_file, publish_config, start
+    from streams.topics import ensure_topics
+
+    ensure_topics(settings)
+    publish_config(settings, start(load_config_file(ROOT / "examples" / "router" / "experiment.yaml")))
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
     spec = importlib.util.spec_from_file_location("example_router_app", ROOT / "examples" / "router" / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert {route.path for route in module.app.routes} >= {"/predict", "/health"}
+    with TestClient(module.app) as client:
+        first = client.get("/predict", params={"user": "u-1"})
+        assert first.status_code == 200, first.text
+        assert first.json()["variant"] in {"control", "challenger"}
+        assert all(client.get("/predict", params={"user": "u-1"}).json()["variant"] == first.json()["variant"]
+                   for _ in range(5))
+        assert client.get("/click", params={"user": "u-1"}).status_code == 200
+        health = client.get("/health").json()
+        assert health["weights"] == {"control": 0.8, "challenger": 0.2}
+        assert client.get("/predict").status_code == 422  # a bad request is refused, not a traceback
