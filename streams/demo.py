@@ -505,7 +505,6 @@ def run_demo(settings: Settings, *, short: bool = False, out: Path | None = None
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)
     t_begin = time.monotonic()
-    interrupted = False
     try:
         say(f"[bold]abstream demo[/] run {run_id}: topics demo-{run_id}.*, ClickHouse database demo_{run_id}")
         _start_broker(settings, started, say)
@@ -513,7 +512,7 @@ def run_demo(settings: Settings, *, short: bool = False, out: Path | None = None
         say(f"finished in {time.monotonic() - t_begin:.0f} s; stopping what the demo started")
         return code
     except KeyboardInterrupt:
-        interrupted = True
+        pass  # the clean-up below runs, then the one-line report of what was stopped
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
         started.stop()

@@ -15,7 +15,6 @@ check of files that nothing else reads before production does.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
