@@ -179,6 +179,7 @@ class Bench:
         self.bootstrap = bootstrap
         self.work = work
         self.tag = uuid.uuid4().hex[:6]
+        self.broker_pid: int | None = None
 
     def settings(self, phase: str) -> Settings:
         """Settings of one phase: own prefix, home, database. Engine settings are the defaults."""
@@ -387,10 +388,11 @@ def publish_all(settings: Settings, corpus: Corpus) -> dict:
 
 def decode_ceiling(corpus: Corpus) -> dict:
     codec = Codec()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     dead = sum(isinstance(codec.decode(k, v), DeadLetter) for k, v in zip(corpus.kinds, corpus.values))
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {"events": len(corpus), "seconds": round(seconds, 3), "rate": len(corpus) / seconds, "dead": dead,
+            "cpu_share": round(cpu / seconds, 3), "rate_per_cpu_s": len(corpus) / cpu,
             "method": "streams.codec.Codec().decode(kind, value) over every message of the corpus, one process, "
                       "one thread, payloads already in memory (what stage 1 does first with each message)"}
 
@@ -418,7 +420,8 @@ def raw_consume_ceiling(settings: Settings, n: int) -> dict:
         finally:
             await consumer.stop()
         seconds = max(1e-9, t_last - (t_first or t_last))
-        return {"events": count, "complete": count >= n, "seconds": round(seconds, 3), "rate": (count - first) / seconds,
+        rate = (count - first) / seconds if count > first else None  # None: the topic came in one batch
+        return {"events": count, "complete": count >= n, "seconds": round(seconds, 3), "rate": rate,
                 "method": "bare aiokafka AIOKafkaConsumer (defaults) subscribed to the same four input topics, "
                           "getmany() loop, no decoding; rate counted from the arrival of the first batch (not counted) "
                           "to the last message"}
@@ -455,6 +458,8 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
     result: dict[str, Any] = {"workers": n_workers, "events": n}
     try:
         cpu0 = [w.cpu_seconds() for w in workers]
+        broker_cpu0 = process_cpu_seconds(bench.broker_pid)
+        result["loadavg_at_start"] = list(os.getloadavg())
         pub = publish_all(settings, corpus)
         result["producer"] = {"seconds": round(pub["seconds"], 3), "rate": round(pub["rate"])}
         log(f"{phase}: published {n:,} in {pub['seconds']:.1f} s ({pub['rate']:,.0f}/s)")
@@ -474,6 +479,8 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
                 break
             time.sleep(0.5)
         cpu1 = [w.cpu_seconds() for w in workers]
+        broker_cpu1 = process_cpu_seconds(bench.broker_pid)
+        result["loadavg_at_end"] = list(os.getloadavg())
         if profile_proc is not None:
             profile_proc.wait(profile_s + 60)
         t_first = scraper.first_time("consumed", 1)
@@ -499,7 +506,17 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
             steady_rate=steady, first_consumed_after_s=round(t_first - pub["t0"], 3) if t_first else None,
             last_decision_after_s=round(t_stats - pub["t0"], 3), all_consumed_after_s=round(t_consumed - pub["t0"], 3),
             worker_cpu_share=[round((b - a) / seconds, 3) for a, b in zip(cpu0, cpu1)],
+            rate_per_worker_cpu_s=n / max(1e-9, sum(cpu1) - sum(cpu0)),
+            broker_cpu_share=round((broker_cpu1 - broker_cpu0) / seconds, 3),
             worker_rss_mb=[round(w.rss_bytes() / 2**20, 1) for w in workers])
+        if n_workers == 1 and not profile_s:
+            changelog = changelog_bytes_per_key(settings, tail=None)
+            input_bytes = sum(map(len, corpus.values)) + sum(map(len, corpus.keys))
+            result["units_changelog"] = {
+                **changelog, "records_per_input_event": round(changelog.get("records_read", 0) / n, 3),
+                "bytes_per_input_byte": round(changelog.get("bytes_read", 0) / input_bytes, 2),
+                "method": "every record of <prefix>worker-units-changelog after the run (key + value bytes), against "
+                          "the input messages' key + value bytes: what stage 1 writes back to Kafka per event read"}
         if raw_ceiling:
             result["raw_consume_ceiling"] = raw_consume_ceiling(settings, n)
         return result
@@ -510,11 +527,21 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
             w.stop()
 
 
+def process_cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_pyspy(pid: int, seconds: float) -> subprocess.Popen:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     pyspy = Path(sys.executable).parent / "py-spy"
     return subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
-                             "--nonblocking", "--threads", "--format", "raw", "--output", str(OUT_DIR / "profile-worker.txt")],
+                             "--nonblocking", "--threads", "--idle", "--format", "raw", "--output", str(OUT_DIR / "profile-worker.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -523,7 +550,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict:
     self_counts: dict[str, int] = defaultdict(int)
     incl: dict[str, int] = defaultdict(int)
     threads: dict[str, int] = defaultdict(int)
-    total = 0
+    total = idle = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
@@ -533,12 +560,19 @@ def summarize_profile(path: Path, top: int = 25) -> dict:
         threads[frames[0]] += c
         if "MainThread" not in frames[0]:
             continue
+        if any(w in frames[-1] for w in ("EpollSelector.select", "select (selectors", "poll (selectors")):
+            idle += c
+            continue
         total += c
         self_counts[frames[-1]] += c
         for frame in set(frames[1:]):
             incl[frame] += c
     share = lambda d: [[k, round(v / max(1, total), 3)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
-    return {"main_thread_samples": total, "threads": dict(threads), "self": share(self_counts), "inclusive": share(incl)}
+    return {"main_thread_active_samples": total, "main_thread_idle_share": round(idle / max(1, idle + total), 3),
+            "threads": dict(threads), "self": share(self_counts), "inclusive": share(incl),
+            "method": "py-spy record --rate 100 --nonblocking --threads --idle on the worker; shares are of the main "
+                      "thread's non-idle samples (idle = in the event loop's select). Wall-clock sampling: on a loaded "
+                      "machine a runnable but descheduled thread is sampled where it stands."}
 
 
 # --------------------------------------------------------------------------------------
@@ -636,6 +670,8 @@ def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: fl
     published: dict[tuple, float] = {}
     result: dict[str, Any] = {"offered_rate": rate, "seconds": seconds, "events": len(schedule), "sink_role": sink}
     try:
+        cpu0 = workers[0].cpu_seconds()
+        result["loadavg_at_start"] = list(os.getloadavg())
         t0 = time.time()
         behind_max = 0.0
         for offset, kind, key, value, tag in schedule:
@@ -650,6 +686,11 @@ def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: fl
             producer.poll(0)
         producer.flush(60)
         t_pub_end = time.time()
+        result["worker_cpu_share_while_paced"] = round((workers[0].cpu_seconds() - cpu0) / (t_pub_end - t0), 3)
+        window = [x for x in scraper.samples if t0 + warmup_s <= x["t"] <= t_pub_end]
+        if len(window) >= 2:
+            result["processed_rate_while_paced"] = round((window[-1]["consumed"] - window[0]["consumed"])
+                                                         / (window[-1]["t"] - window[0]["t"]))
         result["producer"] = {"achieved_rate": round(len(schedule) / (t_pub_end - t0)), "max_behind_schedule_s": round(behind_max, 3)}
         log(f"{phase}: paced {len(schedule):,} events in {t_pub_end - t0:.1f} s")
         # Drain: wait until every outcome shows in a decision, every kill switch is out and
@@ -659,7 +700,7 @@ def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: fl
             if tag[0] == "o":
                 last_rank[tag[1]] = max(last_rank.get(tag[1], -1), tag[2])
         sink_target = sum(corpus.distinct[:n_bg]) + sum(len(r.schedule) for r in regressions)
-        deadline = time.time() + max(60.0, 2 * seconds)
+        deadline = time.time() + max(30.0, seconds)
         t_sink_drained = None
         while time.time() < deadline:
             counts: dict[str, int] = defaultdict(int)
@@ -891,7 +932,9 @@ def memory_run(bench: Bench, n_events: int, n_units: int, timeout_s: float) -> d
         worker.stop()
 
 
-def changelog_bytes_per_key(settings: Settings, tail: int = 20_000) -> dict:
+def changelog_bytes_per_key(settings: Settings, tail: int | None = 20_000) -> dict:
+    """Newest record per key of the units table's changelog (the last ``tail`` records of each
+    partition, or all of them), and the bytes of every record read."""
     topic = f"{settings.topic_prefix}worker-units-changelog"
     consumer = Consumer(settings.kafka_config(**{"group.id": f"{settings.topic_prefix}bench-changelog",
                                                  "enable.auto.commit": "false"}))
@@ -900,11 +943,11 @@ def changelog_bytes_per_key(settings: Settings, tail: int = 20_000) -> dict:
         if meta is None or not meta.partitions:
             return {"error": f"no topic {topic}"}
         newest: dict[bytes, int] = {}
-        total_records = 0
+        total_records = read_records = read_bytes = 0
         for p in meta.partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             total_records += high - low
-            start_at = max(low, high - tail)
+            start_at = low if tail is None else max(low, high - tail)
             if high <= start_at:
                 continue
             consumer.assign([TopicPartition(topic, p, start_at)])
@@ -912,12 +955,15 @@ def changelog_bytes_per_key(settings: Settings, tail: int = 20_000) -> dict:
             while position < high:
                 for m in consumer.consume(num_messages=5000, timeout=5):
                     if m.error() is None:
-                        newest[m.key()] = len(m.key() or b"") + len(m.value() or b"")
+                        size = len(m.key() or b"") + len(m.value() or b"")
+                        newest[m.key()] = size
+                        read_records += 1
+                        read_bytes += size
                         position = m.offset() + 1
         sizes = sorted(newest.values())
         return {"keys_sampled": len(sizes), "mean": round(sum(sizes) / len(sizes)) if sizes else None,
                 "p50": sizes[len(sizes) // 2] if sizes else None, "max": sizes[-1] if sizes else None,
-                "changelog_records": total_records}
+                "changelog_records": total_records, "records_read": read_records, "bytes_read": read_bytes}
     finally:
         consumer.close()
 
@@ -985,7 +1031,7 @@ def table(report: dict) -> str:
     c = report.get("ceilings", {})
     if "decode" in c:
         rows.append(("decode ceiling (Codec().decode, 1 process)", f"{c['decode']['rate']:,.0f} ev/s"))
-    if "raw_consume" in c:
+    if c.get("raw_consume", {}).get("rate"):
         rows.append(("raw consume ceiling (bare aiokafka)", f"{c['raw_consume']['rate']:,.0f} ev/s"))
     tp = report.get("throughput", {})
     for key, label in (("one_worker", "throughput, 1 worker"), ("two_workers", "throughput, 2 workers")):
@@ -994,9 +1040,15 @@ def table(report: dict) -> str:
             rows.append((label, f"{r['rate']:,.0f} ev/s (steady {r['steady_rate'] or 0:,.0f})"))
     if "one_worker_vs_decode" in tp:
         rows.append(("1 worker / decode ceiling", f"{tp['one_worker_vs_decode']:.2f}"))
+    if "one_worker_vs_decode_per_cpu_s" in tp:
+        rows.append(("1 worker / decode ceiling, per CPU-second", f"{tp['one_worker_vs_decode_per_cpu_s']:.2f}"
+                     f" (worker CPU share {tp['one_worker'].get('worker_cpu_share')})"))
     if "two_vs_one" in tp:
-        rows.append(("2 workers / 1 worker", f"{tp['two_vs_one']:.2f}"))
+        rows.append(("2 workers / 1 worker", f"{tp['two_vs_one']:.2f}"
+                     f" (worker CPU shares {tp['two_workers'].get('worker_cpu_share')})"))
     lat = report.get("latency", {})
+    if "processed_rate_while_paced" in lat:
+        rows.append((f"worker processed while {lat['offered_rate']:,.0f} ev/s offered", f"{lat['processed_rate_while_paced']:,} ev/s"))
     for key, label in (("decision_latency", "decision latency p50/p95/p99"), ("killswitch_latency", "kill-switch latency p50/p95/p99")):
         if key in lat:
             d = lat[key]
@@ -1023,19 +1075,45 @@ def table(report: dict) -> str:
 # --------------------------------------------------------------------------------------
 
 
+_FAUST_HOOK = """
+import json, os
+import faust
+_overrides = json.loads(os.environ.get("ABSTREAM_BENCH_FAUST_SETTINGS", "{}"))
+_init = faust.App.__init__
+def _patched(self, *args, **kwargs):
+    kwargs.update(_overrides)
+    _init(self, *args, **kwargs)
+if _overrides:
+    faust.App.__init__ = _patched
+"""
+
+
+def install_faust_overrides(work: Path, overrides: dict) -> None:
+    """Experiments only (never the default run): workers start with these faust.App settings
+    on top of the engine's, through a sitecustomize on their PYTHONPATH; streams/ is unchanged."""
+    hook = work / "faust-hook"
+    hook.mkdir(parents=True, exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_FAUST_HOOK)
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(hook), os.environ.get("PYTHONPATH", "")) if x)
+    os.environ["ABSTREAM_BENCH_FAUST_SETTINGS"] = json.dumps(overrides)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(PARTS),
                         help=f"comma-separated parts: {', '.join(PARTS)}, profile (default: all but profile)")
-    parser.add_argument("--events", type=int, default=600_000, help="corpus size for ceilings and throughput")
+    parser.add_argument("--events", type=int, default=300_000, help="corpus size for ceilings and throughput")
     parser.add_argument("--rate", type=float, default=10_000, help="offered load of the latency and sink parts (events/s)")
     parser.add_argument("--latency-s", type=float, default=60, help="duration of the paced latency run")
     parser.add_argument("--sink-s", type=float, default=45, help="duration of the paced sink run")
     parser.add_argument("--regressions", type=int, default=8, help="kill-switch experiments in the latency run")
-    parser.add_argument("--memory-events", type=int, default=3_000_000, help="N of the memory part (the issue asks 10M)")
+    parser.add_argument("--memory-events", type=int, default=2_000_000, help="N of the memory part (the issue asks 10M)")
     parser.add_argument("--memory-units", type=int, default=100_000, help="fixed unit population of the memory part")
     parser.add_argument("--memory-timeout-s", type=float, default=900)
     parser.add_argument("--profile-s", type=float, default=20)
+    parser.add_argument("--faust-settings", default="",
+                        help="experiments only: JSON of faust.App settings added to the workers' (e.g. "
+                             "'{\"producer_max_batch_size\": 1048576}'); recorded in the JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     args = parser.parse_args()
@@ -1046,6 +1124,8 @@ def main() -> int:
 
     started = time.time()
     work = Path(f"/tmp/abstream-bench-{uuid.uuid4().hex[:8]}")
+    if args.faust_settings:
+        install_faust_overrides(work, json.loads(args.faust_settings))
     port = args.port or free_port()
     log(f"starting a broker on 127.0.0.1:{port} in {work / 'kafka'}")
     status = local_kafka.start(data_dir=work / "kafka", port=port, controller_port=free_port())
@@ -1053,6 +1133,7 @@ def main() -> int:
                               "parts": parts, "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine()}
     try:
         bench = Bench(args, status.bootstrap, work)
+        bench.broker_pid = status.pid
         corpus = None
         if {"ceilings", "throughput", "latency", "sink", "profile"} & set(parts):
             t = time.perf_counter()
@@ -1088,6 +1169,13 @@ def main() -> int:
                 tp["one_worker_vs_decode"] = round(one / report["ceilings"]["decode"]["rate"], 3)
             if one and two:
                 tp["two_vs_one"] = round(two / one, 3)
+            if one and "decode" in report.get("ceilings", {}):
+                tp["one_worker_vs_decode_per_cpu_s"] = round(
+                    tp["one_worker"]["rate_per_worker_cpu_s"] / report["ceilings"]["decode"]["rate_per_cpu_s"], 3)
+            tp["ratios_note"] = ("one_worker_vs_decode and two_vs_one are wall-clock rates measured in this run (the "
+                                 "targets); on a shared 2-core machine they move with the neighbours' load, so "
+                                 "one_worker_vs_decode_per_cpu_s compares events per CPU-second of the worker with "
+                                 "decodes per CPU-second, which the neighbours do not move")
         elif "ceilings" in parts:
             settings = bench.settings("raw")
             bench.prepare(settings, [])
