@@ -1160,7 +1160,7 @@ def main() -> int:
             tp["one_worker"] = throughput(bench, tp_corpus, 1, "tp1", raw_ceiling="ceilings" in parts)
             if "raw_consume_ceiling" in tp["one_worker"]:
                 report.setdefault("ceilings", {})["raw_consume"] = tp["one_worker"].pop("raw_consume_ceiling")
-                log(f"raw consume ceiling {report['ceilings']['raw_consume']['rate']:,.0f}/s")
+                log(f"raw consume ceiling {report['ceilings']['raw_consume']['rate'] or 0:,.0f}/s")
             log(f"one worker: {tp['one_worker'].get('rate') or 0:,.0f}/s")
             tp["two_workers"] = throughput(bench, tp_corpus, 2, "tp2")
             log(f"two workers: {tp['two_workers'].get('rate') or 0:,.0f}/s")
