@@ -63,6 +63,7 @@ class DeadLetterReason(str, Enum):
     BAD_AVRO = "bad_avro"
     INVALID_FIELD = "invalid_field"
     UNKNOWN_EXPERIMENT = "unknown_experiment"
+    PROCESSING_ERROR = "processing_error"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ Nothing here does I/O: the Faust agent in streams/worker.py does the reading and
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -100,7 +101,7 @@ class Stage1:
 
     def process(self, messages: Sequence[InputMessage]) -> BatchResult:
         result = BatchResult()
-        by_unit: dict[str, list[tuple[EventKind, dict]]] = defaultdict(list)
+        by_unit: dict[str, list[tuple[EventKind, dict, InputMessage]]] = defaultdict(list)
         refreshed = False
         consumed: dict[str, int] = defaultdict(int)
         for message in messages:
@@ -127,7 +128,7 @@ class Stage1:
                 result.dead.append((message, decoded))
                 metrics.DEADLETTERS.labels(topic, decoded.reason.value).inc()
                 continue
-            by_unit[unit_key(message.partition, decoded["experiment_id"], decoded["unit_id"])].append((kind, decoded))
+            by_unit[unit_key(message.partition, decoded["experiment_id"], decoded["unit_id"])].append((kind, decoded, message))
         metrics.BATCH_EVENTS.observe(len(messages))
         for topic, count in consumed.items():
             metrics.EVENTS_CONSUMED.labels(topic).inc(count)
@@ -139,18 +140,38 @@ class Stage1:
             stored = self.read_unit(key)
             state = UnitState() if stored is None else UnitState.from_dict(stored)
             partial.add_unit(state, config.metrics, sign=-1)
-            changed = self._apply(state, events, config)
+            try:
+                changed = self._apply(state, events, config)
+            except Exception:
+                state, changed = self._apply_each(stored, events, config, result)
             partial.add_unit(state, config.metrics, sign=+1)
             if changed:
                 result.unit_writes.append((partition, key, state.to_dict()))
                 self.dirty.add((partition, experiment_id))
         return result
 
-    def _apply(self, state: UnitState, events: list[tuple[EventKind, dict]], config: Any) -> bool:
+    def _apply_each(self, stored: dict | None, events: list, config: Any, result: BatchResult) -> tuple[UnitState, bool]:
+        """The slow path after an event raised: apply the unit's events one at a time from its
+        stored state; an event that raises leaves the state as it was before it and becomes a
+        dead letter (``processing_error``), so that one poison event cannot stop the worker."""
+        state = UnitState() if stored is None else UnitState.from_dict(stored)
+        changed = False
+        for event in events:
+            before = copy.deepcopy(state.to_dict())  # to_dict shares the state's dicts
+            try:
+                changed |= self._apply(state, [event], config)
+            except Exception as exc:
+                state = UnitState.from_dict(before)
+                kind, _, message = event
+                result.dead.append((message, DeadLetter(DeadLetterReason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:200])))
+                metrics.DEADLETTERS.labels(self.short_names[message.topic], DeadLetterReason.PROCESSING_ERROR.value).inc()
+        return state, changed
+
+    def _apply(self, state: UnitState, events: list, config: Any) -> bool:
         window_ms = int(config.attribution_window_s * 1000)
         tracked = outcome_names(config.metrics)
         changed = False
-        for kind, event in events:
+        for kind, event, _ in events:
             if not state.first_time(_KIND_TAG[kind] + event["event_id"], event["event_time"]):
                 metrics.EVENTS_DUPLICATE.labels(INPUT_TOPICS[kind]).inc()
                 continue

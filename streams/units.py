@@ -46,7 +46,9 @@ def counter_key(namespace: str, name: str) -> str:
 
 
 def score_bin(score: float) -> int:
-    return min(SCORE_BINS - 1, max(0, int(score * SCORE_BINS)))
+    """The bin of a score in [0, 1]; scores outside count in the end bins (clamped first:
+    a huge finite score times the bin count would overflow)."""
+    return min(SCORE_BINS - 1, int(min(1.0, max(0.0, score)) * SCORE_BINS))
 
 
 class OutcomeFate(str, Enum):

@@ -125,7 +125,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             write_table(units, partition, key, value)
         for message, letter in result.dead:
             await deadletters.send(
-                key=message.key, value=message.value,
+                # Kafka refuses a record with neither key nor value: an empty value stands for a tombstone.
+                key=message.key, value=message.value if message.value is not None or message.key is not None else b"",
                 headers=deadletter_headers(letter, message.topic, message.partition, message.offset),
             )
         # The batch's offsets are acked after this returns: its effects must be in Kafka first.
