@@ -15,9 +15,11 @@ batch handler as one list; records of every other topic (the partials topic of t
 agent, for one) take Faust's ordinary path. Messages are acked only after the handler
 returned, and the handler flushes the producer first, so an offset is never committed
 before the table and dead-letter records of its message are in Kafka (at-least-once; unit
-state makes replays idempotent). A batch fetched under a consumer generation that has since
-changed (a rebalance began) is dropped unprocessed: its partitions are re-read by their
-next owner from the committed offsets.
+state makes replays idempotent). The batch's messages are tracked as Faust tracks an agent's,
+so a rebalance waits for the batch in flight and commits it before the partitions move. A
+batch fetched under a consumer generation that has since changed (a rebalance began) is
+dropped unprocessed: its partitions are re-read by their next owner from the committed
+offsets.
 """
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         for record in tp_records:
                             await self.wait_first(self.callback(self._to_message(tp, record)), self.suspend_flow.wait())
                 if batch and self.flow_active and generation == app.consumer_generation_id:
+                    # Tracked messages are what Faust's revoke path waits for (wait_empty) before
+                    # its last commit: a hand-over then commits this batch instead of leaving it
+                    # to the next owner to process (and dead-letter) again.
+                    for message in batch:
+                        self.track_message(message)
                     await handler(batch)
                     for message in batch:
                         self.ack(message)

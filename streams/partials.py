@@ -78,7 +78,7 @@ class Partial:
                 self.first_exposure_ms = min(self.first_exposure_ms or state.exposed_ms, state.exposed_ms)
         for fate, count in state.fates.items():
             self.fates[fate] = self.fates.get(fate, 0) + sign * count
-        self.inconsistencies += sign * state.inconsistencies
+        self.inconsistencies += sign * (state.inconsistencies + state.other_variant_predictions())
         for group, counts in state.counters.items():
             mine = self.counters.setdefault(group, {})
             for key, value in counts.items():

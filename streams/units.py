@@ -4,8 +4,9 @@ One :class:`UnitState` per (experiment, unit) lives with the unit's partition. T
 all in event time:
 
 - Exposure: the first assignment processed for (experiment, unit) fixes the unit's variant
-  and exposure time. A later assignment or a prediction naming another variant counts as an
-  assignment inconsistency; it does not move the unit.
+  and exposure time. A later assignment naming another variant, and any prediction naming
+  another variant than the exposure (whether it came before or after it), count as
+  assignment inconsistencies; they do not move the unit.
 - Attribution: an outcome at time t counts for a unit exposed at t0 when
   t0 <= t < t0 + attribution window. One before the exposure counts as ``before_exposure``,
   one after the window as ``after_window``; neither moves a statistic.
@@ -99,9 +100,9 @@ class UnitState:
             self.outcome(metric, t, value, window_ms, metrics)
 
     def predicted(self, prediction: dict) -> None:
+        # Predictions naming another variant than the exposure are counted from these
+        # counters (see other_variant_predictions), whichever of the two arrived first.
         variant = prediction["variant"]
-        if self.variant is not None and variant != self.variant:
-            self.inconsistencies += 1
         self.count(counter_key("status", variant), prediction["status"])
         key = LATENCY_SKETCH.key(prediction["latency_ms"])
         self.count(counter_key("latency", variant), "z" if key is None else str(key))
@@ -148,6 +149,16 @@ class UnitState:
     def _count(self, fate: OutcomeFate, by: int) -> None:
         if by:
             self.fates[fate.value] = self.fates.get(fate.value, 0) + by
+
+    def other_variant_predictions(self) -> int:
+        """Predictions that name another variant than the unit's exposure (0 while unexposed).
+        A prediction and its unit's assignment travel on different topics, and Kafka orders
+        nothing across topics, so this must not depend on which came first."""
+        if self.variant is None:
+            return 0
+        own = counter_key("status", self.variant)
+        return int(sum(sum(counts.values()) for group, counts in self.counters.items()
+                       if group.startswith("status:") and group != own))
 
     def to_dict(self) -> dict:
         return {"v": self.variant, "t": self.exposed_ms, "m": self.totals, "a": self.awaiting,

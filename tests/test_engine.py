@@ -61,7 +61,7 @@ def config_for(scenario: ExperimentScenario) -> ExperimentConfig:
 def ground_truth(events, window_s: float) -> dict:
     """The attribution rules applied by hand to the generator's records, in arrival order."""
     seen, exposure, inconsistencies = set(), {}, 0
-    outcomes = []
+    outcomes, predictions = [], []
     for _, kind, r in events:
         identity = (kind, r["unit_id"], r["event_id"])
         if identity in seen:
@@ -73,10 +73,12 @@ def ground_truth(events, window_s: float) -> dict:
             elif exposure[r["unit_id"]][0] != r["variant"]:
                 inconsistencies += 1
         elif kind is EventKind.PREDICTION:
-            if r["unit_id"] in exposure and exposure[r["unit_id"]][0] != r["variant"]:
-                inconsistencies += 1
+            predictions.append(r)
         elif kind is EventKind.OUTCOME:
             outcomes.append(r)
+    # A prediction is inconsistent when it names another variant than its unit's exposure,
+    # whichever arrived first (they travel on different topics).
+    inconsistencies += sum(1 for p in predictions if p["unit_id"] in exposure and exposure[p["unit_id"]][0] != p["variant"])
     fates = defaultdict(int)
     totals = defaultdict(float)
     for o in outcomes:
