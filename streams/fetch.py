@@ -59,7 +59,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     # to the next owner to process (and dead-letter) again.
                     for message in batch:
                         self.track_message(message)
-                    await handler(batch)
+                    processing = asyncio.ensure_future(handler(batch))
+                    try:
+                        await asyncio.shield(processing)
+                    except asyncio.CancelledError:
+                        # The worker is stopping: finish the batch and ack it, so that the
+                        # consumer's last commit covers it rather than its next owner redoing it.
+                        await processing
+                        for message in batch:
+                            self.ack(message)
+                        raise
                     for message in batch:
                         self.ack(message)
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
