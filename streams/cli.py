@@ -151,6 +151,14 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_alerts_bridge(args: argparse.Namespace) -> int:
+    from streams.alerts_bridge import run_bridge
+
+    forwarded = run_bridge(Settings.from_env(), args.alertmanager, resend_s=args.resend_s, once=args.once)
+    print(f"forwarded {forwarded} alerts to {args.alertmanager}")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from streams.decisions import latest_decisions
 
@@ -474,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print columns and rows as JSON")
     p.set_defaults(func=cmd_query)
 
+    p = sub.add_parser("alerts-bridge", help="forward guardrail alerts from the alerts topic to Alertmanager")
+    p.add_argument("--alertmanager", required=True, metavar="URL", help="Alertmanager's base URL, e.g. http://alertmanager:9093")
+    p.add_argument("--resend-s", type=float, default=60.0, help="send firing alerts again this often (default 60)")
+    p.add_argument("--once", action="store_true", help="forward what the topic holds, then exit")
+    p.set_defaults(func=cmd_alerts_bridge)
+
     p = sub.add_parser("status", help="the newest decision of an experiment: verdict, lift, intervals, SRM")
     p.add_argument("experiment_id", metavar="EXPERIMENT")
     p.add_argument("--json", action="store_true", help="print the Decision record as JSON")
@@ -537,13 +551,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streams.experiments import ConfigError
     from streams.local_kafka import LocalKafkaError
     from streams.topics import TopicError
+    from streams.alerts_bridge import BridgeError
     from streams.warehouse import WarehouseError
 
     try:
         if args.command == "simulate" and args.duplicates + args.malformed > args.events:
             raise CommandError("--duplicates plus --malformed cannot exceed --events")
         return args.func(args)
-    except (CommandError, ConfigError, SettingsError, LocalKafkaError, TopicError, WarehouseError) as exc:
+    except (CommandError, ConfigError, SettingsError, LocalKafkaError, TopicError, WarehouseError, BridgeError) as exc:
         print(f"abstream: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

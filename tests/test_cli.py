@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ABSTREAM = str(Path(sys.executable).parent / "abstream")
-SUBCOMMANDS = ["demo", "kafka", "worker", "simulate", "query", "experiment", "status"]
+SUBCOMMANDS = ["demo", "kafka", "worker", "simulate", "query", "experiment", "status", "plan", "report", "alerts-bridge"]
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -20,7 +20,15 @@ def compose() -> dict:
 
 
 def abstream_services(compose: dict) -> dict[str, dict]:
-    return {name: s for name, s in compose["services"].items() if "build" in s}
+    """The workers: services built from abstream's image that run `abstream worker`."""
+    return {name: s for name, s in compose["services"].items() if "build" in s and s["command"][0] == "worker"}
+
+
+def test_the_alerts_bridge_forwards_to_the_stacks_alertmanager(compose):
+    bridge = compose["services"]["alerts-bridge"]
+    assert bridge["command"][:2] == ["alerts-bridge", "--alertmanager"]
+    host = bridge["command"][2].split("//")[1].split(":")[0]
+    assert host in compose["services"] and host == "alertmanager"
 
 
 def container_port(service: dict) -> int:
