@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from typing import Sequence
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from streams import metrics
 from streams.codec import Codec, ControlKind, DeadLetter, EventKind
@@ -90,14 +90,22 @@ class Sink:
             messages = consumer.consume(num_messages=self.batch_max, timeout=0.5)
             messages = [m for m in messages if self._usable(m)]
             if time.monotonic() - lag_measured > 5:
-                metrics.INPUT_LAG.labels("sink").set(_input_lag(consumer, self._kinds))
+                try:
+                    metrics.INPUT_LAG.labels("sink").set(_input_lag(consumer, self._kinds))
+                except KafkaException:
+                    pass  # the broker is away: the gauge keeps its last value
                 lag_measured = time.monotonic()
             if not messages:
                 metrics.SINK_LAG_SECONDS.set(0)
                 continue
             if not self._write_until_done(messages):
                 return  # stopping: the batch is not committed and will be read again
-            consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+            try:
+                consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+            except KafkaException as exc:
+                # The broker is away: the next commit covers this batch, and a replay of it
+                # writes nothing twice.
+                log.warning("sink commit failed, going on: %s", exc.args[0].str())
             oldest_ms = min(m.timestamp()[1] for m in messages)
             metrics.SINK_LAG_SECONDS.set(max(0.0, time.time() - oldest_ms / 1000))
 

@@ -86,6 +86,13 @@ class Stage1:
             self.partials.pop(partition, None)
             self.dirty = {(p, e) for p, e in self.dirty if p != partition}
 
+    def adopt(self, partition: int) -> None:
+        """Rebuild a newly assigned partition's partials from its recovered unit states and
+        mark them for publication: its last owner may have died after writing its units but
+        before publishing their partial, and no new event may ever come to trigger it."""
+        if partition not in self.partials:
+            self.dirty |= {(partition, experiment_id) for experiment_id in self._partials_of(partition)}
+
     def _partials_of(self, partition: int) -> dict[str, Partial]:
         partials = self.partials.get(partition)
         if partials is None:

@@ -156,6 +156,11 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
 
     @app.timer(interval=settings.decision_interval_s)
     async def cadence():
+        if not app.rebalancing and app.tables.recovery.completed.is_set():
+            # Only once the unit table is recovered: partials rebuilt earlier would miss units.
+            for tp in app.consumer.assignment():
+                if tp.topic in input_names:
+                    stage1.adopt(tp.partition)
         await publish_partials()
         metrics.INPUT_LAG.labels("stage1").set(stage1_lag())
         for experiment_id in sorted(changed_experiments):
