@@ -89,6 +89,11 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         topic_partitions=settings.partitions,
         table_standby_replicas=0,
         broker_max_poll_records=settings.batch_max_events,
+        # Each batch ends with a producer flush: with Faust's defaults (16 KiB batches, no
+        # linger) its changelog went out as many small requests one after another; larger
+        # batches doubled one worker's rate in make bench (bench/PROFILE.md).
+        producer_max_batch_size=1_000_000,
+        producer_linger=0.005,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_s / 3),
