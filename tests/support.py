@@ -180,3 +180,18 @@ class PromotionRecorder:
 
         with self.path.open("a") as f:
             f.write(json.dumps([experiment_id, variant, model_name, model_version]) + "\n")
+
+
+def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll ``condition`` until it returns something truthy (and return that), or fail with
+    what was awaited once ``timeout_s`` has passed. Tests wait on conditions, never on time."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)

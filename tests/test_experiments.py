@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from streams.experiments import (
     stop,
 )
 from streams.topics import make_producer
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "experiments").glob("*.yaml"))
@@ -365,17 +365,6 @@ def test_a_bad_file_fails_before_kafka_is_asked(tmp_path):
 
 # -- the compacted topic, the CLI and the catalogue on the real broker --------------------
 
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.kafka
 def test_the_cli_drives_an_experiment_through_its_lifecycle(settings, tmp_path):
     env = settings.to_env()
@@ -461,7 +450,7 @@ def test_a_topic_that_is_not_compacted_is_refused(settings):
     for future in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=-1)]).values():
         future.result(timeout=30)
     with pytest.raises(ExperimentTopicError, match="cleanup.policy=delete, expected compact"):
-        wait_for(lambda: topic in admin.list_topics(timeout=10).topics, 10, "the topic") and ensure_experiments_topic(settings)
+        wait_until(lambda: topic in admin.list_topics(timeout=10).topics, 10, "the topic") and ensure_experiments_topic(settings)
 
 
 @pytest.mark.kafka
@@ -493,14 +482,14 @@ def test_the_catalogue_sees_changes_published_after_it_started(settings):
 
         running = start(first, now_ms=T0 + 1)
         publish_config(settings, running)
-        wait_for(lambda: catalogue.get("exp-1") == running, 30, "the catalogue to see the start")
+        wait_until(lambda: catalogue.get("exp-1") == running, 30, "the catalogue to see the start")
         assert catalogue.version > seen and catalogue.get("exp-1").is_active
 
         seen = catalogue.version
         second = ExperimentConfig.from_mapping(minimal(experiment_id="exp-2"), now_ms=T0 + 2)
         publish_config(settings, second)
         assert catalogue.wait_for_change(seen, 30) > seen
-        wait_for(lambda: set(catalogue.all()) == {"exp-1", "exp-2"}, 30, "the second experiment")
+        wait_until(lambda: set(catalogue.all()) == {"exp-1", "exp-2"}, 30, "the second experiment")
         assert catalogue.get("exp-missing") is None
 
 

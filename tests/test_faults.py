@@ -43,7 +43,7 @@ from streams.simulate import malformed_payloads
 from streams.topics import DEADLETTER, INPUT_TOPICS, ensure_topics, make_producer
 from streams.warehouse import RAW_TABLES
 from tests.support import (clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings, read_all,
-                           rss_bytes, start_worker_process)
+                           rss_bytes, start_worker_process, wait_until)
 from tests.test_engine import WINDOW_S, config_for, decision_statistics, ground_truth, sql, statistics_from_totals
 from tests.test_pipeline import scrape, total
 
@@ -207,17 +207,6 @@ class Feeder(threading.Thread):
         assert not self.failures, self.failures[:3]
         stats = self.publisher_stats
         assert stats.failed == 0 and stats.dropped == 0 and stats.pending == 0, stats
-
-
-def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def consumed(settings: Settings) -> float:

@@ -16,7 +16,7 @@ from streams.processes import start_worker, stop_worker, wait_healthy
 from streams.scenario import ArmTruth, ExperimentScenario, scenario_events, shadow_events
 from streams.simulate import SimulatedMessage, publish
 from streams.topics import ALERTS, ALLOCATIONS, KILLSWITCH, ensure_topics
-from tests.support import read_all
+from tests.support import read_all, wait_until
 
 pytestmark = pytest.mark.kafka
 CODEC = Codec()
@@ -35,14 +35,6 @@ def messages(events) -> list[SimulatedMessage]:
 def records(settings, topic: str, kind: ControlKind, experiment_id: str) -> list[dict]:
     decoded = [CODEC.decode(kind, m.value()) for m in read_all(settings, settings.topic(topic))]
     return [r for r in decoded if r["experiment_id"] == experiment_id]
-
-
-def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return value
 
 
 def unit_states(settings) -> float:

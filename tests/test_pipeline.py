@@ -22,6 +22,7 @@ from streams.processes import start_worker, stop_worker, wait_healthy
 from streams.simulate import SimulatedMessage, publish, simulate_records, simulated_messages
 from streams.topics import DEADLETTER, ensure_topics
 from streams.warehouse import RAW_TABLES, event_columns
+from tests.support import wait_until
 
 pytestmark = pytest.mark.kafka
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "experiments"
@@ -44,17 +45,6 @@ def scrape(settings) -> dict[tuple[str, tuple], float]:
 
 def total(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def read_topic(settings, topic: str, expected: int, timeout_s: float = 60) -> list:
@@ -107,8 +97,8 @@ def test_ten_thousand_events_reach_clickhouse_exactly_once(worker_settings, tmp_
             counts = {name: int(n) for name, n in rows}
             return counts if sum(counts.values()) >= 9_880 else None
 
-        counts = wait_for(landed, 120, "ClickHouse to hold every event")
-        wait_for(lambda: total(scrape(settings), "abstream_events_consumed_total") >= 10_050, 60, "the agent to consume all")
+        counts = wait_until(landed, 120, "ClickHouse to hold every event")
+        wait_until(lambda: total(scrape(settings), "abstream_events_consumed_total") >= 10_050, 60, "the agent to consume all")
         time.sleep(2)  # anything beyond the expected counts would have had time to land too
 
         for kind, table in RAW_TABLES.items():
