@@ -17,7 +17,7 @@ setup: $(INSTALLED)
 	$(BIN)/python -c "from streams.local_kafka import DEFAULT_LIB_DIR, ensure_jars; print('kafka jars:', ensure_jars(DEFAULT_LIB_DIR))"
 	sh infra/install-ops-tools.sh
 
-## The main job: local broker, a worker, simulated traffic, what reached ClickHouse.
+## The main job: local broker, two workers, five simulated experiments, live view, reports.
 demo: setup
 	$(BIN)/abstream demo
 
