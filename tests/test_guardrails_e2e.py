@@ -140,7 +140,12 @@ def run(kafka_broker, tmp_path_factory):
                             if k["action"] == "promote"], 90, "the healthy canary's promotion")
         wait_until(lambda: [a for a in records(settings, ALERTS, ControlKind.ALERT, "shadow-8")], 90, "the shadow alert")
         time.sleep(3)  # looks after the last wait must not add alerts
-        units_before = unit_states(settings)
+        # The gauge is refreshed every 10 s: wait until two readings 11 s apart agree, so that
+        # no unit of another experiment is still being added when rearm's are counted away.
+        readings: list[float] = []
+        units_before = wait_until(lambda: readings.append(unit_states(settings)) or
+                                  (len(readings) > 1 and readings[-1] == readings[-2] and readings[-1]),
+                                  120, "the unit-state count to settle", interval_s=11)
         publish_config(settings, stop(config("rearm", guardrails=[{"name": "errors", "kind": "error_rate",
                                                                    "threshold": 0.05, "min_count": 100}])))
         units_after = wait_until(lambda: (n := unit_states(settings)) < units_before and n, 60, "rearm's units to expire")
