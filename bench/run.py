@@ -50,7 +50,7 @@ from confluent_kafka.admin import AdminClient  # noqa: E402
 from streams import local_kafka  # noqa: E402
 from streams.codec import Codec, ControlKind, DeadLetter, EventKind  # noqa: E402
 from streams.experiments import ExperimentConfig, publish_config, start  # noqa: E402
-from streams.processes import start_worker, stop_worker, wait_healthy  # noqa: E402
+from streams.processes import start_sink, start_worker, stop_worker, wait_healthy  # noqa: E402
 from streams.scenario import ArmTruth, ExperimentScenario, scenario_events, shadow_events  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.topics import DECISIONS, INPUT_TOPICS, KILLSWITCH, ensure_topics, producer_config  # noqa: E402
@@ -195,12 +195,18 @@ class Bench:
             publish_config(settings, config)
 
     def start_workers(self, settings: Settings, n: int, *, sink: bool = False) -> list["Worker"]:
+        """n workers, and with ``sink`` an `abstream sink` process last in the list (the sink
+        role in a process of its own, as the README recommends under load)."""
         workers = []
         for i in range(n):
             s = replace(settings, web_port=free_port() if i else settings.web_port, home=settings.home / f"worker{i}")
             s.home.mkdir(parents=True, exist_ok=True)
             log_path = s.home / "worker.log"
-            workers.append(Worker(s, start_worker(s, sink=sink and i == 0, log_path=log_path), log_path))
+            workers.append(Worker(s, start_worker(s, sink=False, log_path=log_path), log_path))
+        if sink:
+            s = replace(settings, web_port=free_port(), home=settings.home / "sink")
+            s.home.mkdir(parents=True, exist_ok=True)
+            workers.append(Worker(s, start_sink(s, log_path=s.home / "sink.log"), s.home / "sink.log"))
         for w in workers:
             wait_healthy(w.settings, w.process, timeout_s=90)
         wait_group_stable(settings, n)
@@ -805,8 +811,8 @@ def sink_figures(scraper: Scraper, from_t: float, to_t: float, t0: float) -> dic
                                                        "max": round(float(lags.max()), 3)},
         "sink_input_lag_messages": {"p50": float(np.median(backlog)), "max": float(backlog.max())},
         "window_s": [round(window[0]["t"] - t0, 1), round(window[-1]["t"] - t0, 1)],
-        "method": "one worker holding the sink role (stage 1, stage 2 and the sink thread in one process, chdb "
-                  "embedded) under the paced load. Scraped /metrics every 1 s; steady window = after the warm-up "
+        "method": "one worker and `abstream sink` (the sink role in a process of its own, chdb embedded) under "
+                  "the paced load. Scraped /metrics every 1 s; steady window = after the warm-up "
                   "until the paced producer stopped. rows/s = slope of abstream_sink_rows_total over the raw tables; "
                   "abstream_sink_lag_seconds and abstream_input_lag_messages{role=\"sink\"} sampled (the latter is "
                   "refreshed by the sink every 5 s).",

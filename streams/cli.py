@@ -59,6 +59,15 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     return EXIT_OK if status.running or args.action == "stop" else EXIT_FAILURE
 
 
+def cmd_sink(args: argparse.Namespace) -> int:
+    from streams.sink import run_sink_service
+
+    overrides = {"web_port": args.web_port}
+    settings = Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+    run_sink_service(settings)
+    return EXIT_OK
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.worker import run_worker
 
@@ -106,7 +115,7 @@ def run_query(settings: Settings, sql: str, parameters: Mapping[str, Any] | None
     endpoint while it owns the embedded ClickHouse, else directly. ``parameters`` bind the
     query's ``{name:Type}`` placeholders in ClickHouse itself, on both paths."""
     from streams.warehouse import Warehouse
-    from streams.worker import sink_endpoint_file
+    from streams.sink import sink_endpoint_file
 
     endpoint = sink_endpoint_file(settings)
     if settings.embedded_clickhouse and endpoint.exists():
@@ -465,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web-port", type=int, help="HTTP port for /metrics, /health and /sql (default $ABSTREAM_WEB_PORT or 6066)")
     p.add_argument("--loglevel", default="warning", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sink", help="run the ClickHouse sink role in a process of its own until interrupted")
+    p.add_argument("--web-port", type=int, help="HTTP port for /metrics, /health and /sql (default $ABSTREAM_WEB_PORT or 6066)")
+    p.set_defaults(func=cmd_sink)
 
     p = sub.add_parser("simulate", help="publish simulated events of all four kinds")
     p.add_argument("--events", type=int, default=5000, help="messages to publish in all (default 5000)")

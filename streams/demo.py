@@ -438,7 +438,7 @@ def _start_broker(settings: Settings, started: Started, say) -> None:
 
 def _start_workers(settings: Settings, started: Started, say) -> tuple[Settings, Settings]:
     from streams.processes import start_worker, wait_healthy
-    from streams.worker import sink_endpoint_file
+    from streams.sink import sink_endpoint_file
 
     endpoint = sink_endpoint_file(settings)
     if settings.embedded_clickhouse and endpoint.exists():

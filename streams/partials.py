@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Iterable, Protocol
 
 from analysis.stats import MeanStats, ProportionStats, RatioStats
-from streams.units import UnitState
+from streams.units import CounterKey, UnitState
 
 
 class MetricSpec(Protocol):
@@ -65,10 +65,12 @@ class Partial:
     inconsistencies: int = 0
     watermark_ms: int = 0
     first_exposure_ms: int | None = None
-    counters: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Flat, keyed like the unit counters: (namespace, variant or challenger, key).
+    counters: dict[CounterKey, float] = field(default_factory=dict)
 
-    def add_unit(self, state: UnitState, metrics: Iterable[MetricSpec], sign: int = 1) -> None:
-        """Add (sign=1) or take away (sign=-1) one unit's contribution.
+    def add_unit(self, state: UnitState, metrics: Iterable[MetricSpec], sign: int = 1, *, counters: bool = True) -> None:
+        """Add (sign=1) or take away (sign=-1) one unit's contribution; ``counters=False``
+        leaves the counters to :meth:`add_counters` (the stage-1 fold passes a journal).
 
         The event-time bounds only grow (a unit's exposure never moves and its last event
         time only increases), so adding a unit widens them and taking one away leaves them."""
@@ -79,10 +81,8 @@ class Partial:
         for fate, count in state.fates.items():
             self.fates[fate] = self.fates.get(fate, 0) + sign * count
         self.inconsistencies += sign * (state.inconsistencies + state.other_variant_predictions())
-        for group, counts in state.counters.items():
-            mine = self.counters.setdefault(group, {})
-            for key, value in counts.items():
-                mine[key] = mine.get(key, 0) + sign * value
+        if counters:
+            self.add_counters(state.counters, sign)
         if state.variant is None:
             return
         arm = self.variants.setdefault(state.variant, VariantPartial())
@@ -92,6 +92,11 @@ class Partial:
             sums = arm.sums.setdefault(metric.name, [0.0] * len(terms))
             for i, term in enumerate(terms):
                 sums[i] += sign * term
+
+    def add_counters(self, changes: dict[CounterKey, float], sign: int = 1) -> None:
+        mine = self.counters
+        for key, value in changes.items():
+            mine[key] = mine.get(key, 0) + sign * value
 
     def merge(self, other: "Partial") -> "Partial":
         merged = Partial.from_dict(self.to_dict())
@@ -103,10 +108,7 @@ class Partial:
         for fate, count in other.fates.items():
             merged.fates[fate] = merged.fates.get(fate, 0) + count
         merged.inconsistencies += other.inconsistencies
-        for group, counts in other.counters.items():
-            mine = merged.counters.setdefault(group, {})
-            for key, value in counts.items():
-                mine[key] = mine.get(key, 0) + value
+        merged.add_counters(other.counters)
         merged.watermark_ms = max(merged.watermark_ms, other.watermark_ms)
         if other.first_exposure_ms is not None:
             merged.first_exposure_ms = min(merged.first_exposure_ms or other.first_exposure_ms, other.first_exposure_ms)
@@ -135,8 +137,11 @@ class Partial:
 
     def counts(self, namespace: str) -> dict[str, dict[str, float]]:
         """Counters of one namespace (status, latency, score, shadow) by variant or challenger."""
-        prefix = f"{namespace}:"
-        return {group[len(prefix):]: counts for group, counts in self.counters.items() if group.startswith(prefix)}
+        result: dict[str, dict[str, float]] = {}
+        for (ns, name, key), value in self.counters.items():
+            if ns == namespace:
+                result.setdefault(name, {})[key] = value
+        return result
 
     def exposures(self) -> dict[str, int]:
         return {name: arm.units for name, arm in self.variants.items()}
@@ -147,7 +152,8 @@ class Partial:
                          for name, a in self.variants.items()},
             "fates": dict(self.fates), "inconsistencies": self.inconsistencies, "watermark_ms": self.watermark_ms,
             "first_exposure_ms": self.first_exposure_ms,
-            "counters": {group: dict(counts) for group, counts in self.counters.items()},
+            # Nested by "namespace:name" in the published form (stable since the first release).
+            "counters": _nested(self.counters),
         }
 
     @classmethod
@@ -155,8 +161,15 @@ class Partial:
         return cls(
             {name: VariantPartial(a["units"], {m: list(s) for m, s in a["sums"].items()}) for name, a in d["variants"].items()},
             dict(d["fates"]), d["inconsistencies"], d["watermark_ms"], d["first_exposure_ms"],
-            {group: dict(counts) for group, counts in d["counters"].items()},
+            {(*group.split(":", 1), key): value for group, counts in d["counters"].items() for key, value in counts.items()},
         )
+
+
+def _nested(counters: dict[CounterKey, float]) -> dict[str, dict[str, float]]:
+    nested: dict[str, dict[str, float]] = {}
+    for (ns, name, key), value in counters.items():
+        nested.setdefault(f"{ns}:{name}", {})[key] = value
+    return nested
 
 
 def merge_all(partials: Iterable[Partial]) -> Partial:

@@ -15,7 +15,17 @@ from streams.settings import Settings
 
 def start_worker(settings: Settings, *, sink: bool, log_path: Path | None = None) -> subprocess.Popen:
     """A worker with these settings in its own process group (so that stopping it stops all of it)."""
-    args = [sys.executable, "-m", "streams.cli", "worker"] + (["--sink"] if sink else [])
+    return _start(["worker"] + (["--sink"] if sink else []), settings, log_path)
+
+
+def start_sink(settings: Settings, *, log_path: Path | None = None) -> subprocess.Popen:
+    """``abstream sink`` (the sink role alone) with these settings, in its own process group;
+    wait_healthy and stop_worker apply to it as to a worker."""
+    return _start(["sink"], settings, log_path)
+
+
+def _start(command: list[str], settings: Settings, log_path: Path | None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "streams.cli", *command]
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     env = {**os.environ, **settings.to_env()}
     return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -12,26 +12,42 @@ all in event time:
   one after the window as ``after_window``; neither moves a statistic.
 - An outcome for a unit whose exposure has not been seen yet waits in the unit's state
   (``awaiting_exposure``) and is judged by the rules above once the exposure arrives.
-- Duplicates: the state keeps the ids of its most recent events, so an event replayed after
-  a crash, or re-sent by a producer, is recognised and changes nothing. Because the ids and
-  the totals are one record, they are written (and recovered) together.
+- Duplicates, two ways, both stored with the totals (one record, written and recovered
+  together):
+  - replays: the state keeps, per input topic, the offset of the newest event it applied.
+    A unit lives in one partition of each co-partitioned topic, read in offset order, so
+    an event at or below that offset was applied before (a redelivery after a crash or a
+    hand-over), whatever the number of events in between;
+  - re-sends: the state keeps an 8-byte hash of the ids of its 64 most recent events, so
+    an event a producer sent twice (two offsets, one event_id) is recognised if its twin
+    is among them. Kept as a hash because the dedup window was most of the state's bytes
+    (bench/PROFILE.md); two distinct ids collide with probability ~64/2^64 per event.
+  Offsets restart at 0 when a topic is deleted and created again: an input topic must
+  not be recreated under a running deployment's prefix (its unit changelog would then
+  skip the new events).
 
 - Guardrail counts live in the unit state too, as sparse counters (prediction status,
   latency sketch buckets, prediction score bins per event-time hour, shadow comparisons per
-  challenger), so that they are exactly as idempotent as the metric totals.
+  challenger), so that they are exactly as idempotent as the metric totals. They are one
+  flat dict keyed by (namespace, variant or challenger, key).
 
 A unit's *contribution* to the experiment statistics is a pure function of its state; the
-stage-1 agent adds (contribution after a batch - contribution before) to the partials, once
-per touched unit per batch.
+stage-1 fold adds (contribution after a batch - contribution before) to the partials, once
+per touched unit per batch. Counters are linear, so the fold does not take them away and
+add them back (that was the fold's largest cost after decoding): each counter change is
+also written to a *journal*, and the journal is what the partial receives.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 
 from analysis.sketch import QuantileSketch
 
-RECENT_EVENT_IDS = 256
+RECENT_EVENT_IDS = 64
+_ID_BYTES = 8
 MAX_AWAITING_OUTCOMES = 64
 LATENCY_SKETCH = QuantileSketch(relative_accuracy=0.02)
 SCORE_BINS = 20
@@ -39,17 +55,20 @@ HOUR_MS = 3_600_000
 # Shadow runs are compared on labels when both models give one, else on scores, which
 # disagree when they fall on different sides of this decision threshold.
 SCORE_DECISION_THRESHOLD = 0.5
+# The input topics in a fixed order, for the per-topic offsets (see streams.stage1).
+TOPIC_SLOTS = 4
 
-
-def counter_key(namespace: str, name: str) -> str:
-    """Counters are grouped as "<namespace>:<variant or challenger>"."""
-    return f"{namespace}:{name}"
+CounterKey = tuple[str, str, str]  # (namespace, variant or challenger, key)
 
 
 def score_bin(score: float) -> int:
     """The bin of a score in [0, 1]; scores outside count in the end bins (clamped first:
     a huge finite score times the bin count would overflow)."""
     return min(SCORE_BINS - 1, int(min(1.0, max(0.0, score)) * SCORE_BINS))
+
+
+def id_hash(identity: str) -> bytes:
+    return hashlib.blake2b(identity.encode(), digest_size=_ID_BYTES).digest()
 
 
 class OutcomeFate(str, Enum):
@@ -60,9 +79,9 @@ class OutcomeFate(str, Enum):
     DROPPED_AWAITING = "dropped_awaiting"
 
 
-@dataclass
+@dataclass(slots=True)  # one per unit in memory: no per-instance __dict__
 class UnitState:
-    """Mutable while a batch is folded in; stored as a plain dict (see ``to_dict``)."""
+    """Mutable while a batch is folded in (on a :meth:`copy`); stored as bytes (:meth:`to_bytes`)."""
 
     variant: str | None = None
     exposed_ms: int | None = None
@@ -70,22 +89,49 @@ class UnitState:
     awaiting: list[tuple[str, int, float]] = field(default_factory=list)
     fates: dict[str, int] = field(default_factory=dict)
     inconsistencies: int = 0
-    recent_ids: list[str] = field(default_factory=list)
+    recent_ids: bytearray = field(default_factory=bytearray)
     last_ms: int = 0
-    counters: dict[str, dict[str, float]] = field(default_factory=dict)
+    counters: dict[CounterKey, float] = field(default_factory=dict)
+    offsets: list[int] = field(default_factory=lambda: [-1] * TOPIC_SLOTS)
+    # Predictions per variant they named, kept apart from the counters so that
+    # other_variant_predictions does not scan them.
+    predictions: dict[str, int] = field(default_factory=dict)
+    # Where counter changes are also recorded while a batch is folded (see the module doc).
+    journal: dict[CounterKey, float] | None = field(default=None, compare=False, repr=False)
 
-    def count(self, group: str, key: str, by: float = 1) -> None:
-        bucket = self.counters.setdefault(group, {})
-        bucket[key] = bucket.get(key, 0) + by
+    def copy(self) -> "UnitState":
+        return UnitState(self.variant, self.exposed_ms, dict(self.totals), list(self.awaiting), dict(self.fates),
+                         self.inconsistencies, bytearray(self.recent_ids), self.last_ms, dict(self.counters),
+                         list(self.offsets), dict(self.predictions))
+
+    def count(self, key: CounterKey, by: float = 1) -> None:
+        counters = self.counters
+        counters[key] = counters.get(key, 0) + by
+        if self.journal is not None:
+            self.journal[key] = self.journal.get(key, 0) + by
+
+    def applied_before(self, slot: int, offset: int) -> bool:
+        """True for a redelivered message (at or below the newest offset applied from its
+        topic); else remembers its offset."""
+        if offset <= self.offsets[slot]:
+            return True
+        self.offsets[slot] = offset
+        return False
 
     def first_time(self, identity: str, time_ms: int) -> bool:
-        """True the first time an event identity is seen (and remembers it and its time)."""
-        if identity in self.recent_ids:
-            return False
+        """True the first time an event identity is seen among the recent ones (and
+        remembers it and its time)."""
+        digest = id_hash(identity)
+        ids = self.recent_ids
+        at = ids.find(digest)
+        while at != -1:
+            if at % _ID_BYTES == 0:
+                return False
+            at = ids.find(digest, at + 1)
         self.last_ms = max(self.last_ms, time_ms)
-        self.recent_ids.append(identity)
-        if len(self.recent_ids) > RECENT_EVENT_IDS:
-            del self.recent_ids[0]
+        ids += digest
+        if len(ids) > RECENT_EVENT_IDS * _ID_BYTES:
+            del ids[:_ID_BYTES]
         return True
 
     def expose(self, variant: str, time_ms: int, window_ms: int, metrics: frozenset[str]) -> None:
@@ -100,35 +146,37 @@ class UnitState:
             self.outcome(metric, t, value, window_ms, metrics)
 
     def predicted(self, prediction: dict) -> None:
-        # Predictions naming another variant than the exposure are counted from these
-        # counters (see other_variant_predictions), whichever of the two arrived first.
+        # Predictions naming another variant than the exposure are counted from
+        # self.predictions (see other_variant_predictions), whichever of the two arrived first.
         variant = prediction["variant"]
-        self.count(counter_key("status", variant), prediction["status"])
+        self.predictions[variant] = self.predictions.get(variant, 0) + 1
+        self.count(("status", variant, prediction["status"]))
         key = LATENCY_SKETCH.key(prediction["latency_ms"])
-        self.count(counter_key("latency", variant), "z" if key is None else str(key))
+        self.count(("latency", variant, "z" if key is None else str(key)))
         if prediction["score"] is not None:
             hour = prediction["event_time"] // HOUR_MS
-            self.count(counter_key("score", variant), f"{hour}:{score_bin(prediction['score'])}")
+            self.count(("score", variant, f"{hour}:{score_bin(prediction['score'])}"))
 
     def shadowed(self, run: dict) -> None:
-        group = counter_key("shadow", f"{run['challenger_model']}:{run['challenger_version']}")
-        self.count(group, "runs")
-        self.count(group, run["challenger_status"])
+        challenger = f"{run['challenger_model']}:{run['challenger_version']}"
+        self.count(("shadow", challenger, "runs"))
+        self.count(("shadow", challenger, run["challenger_status"]))
         if run["challenger_status"] != "ok":
             return
         if run["challenger_latency_ms"] is not None:
-            self.count(group, "latency_diff_ms", run["challenger_latency_ms"] - run["champion_latency_ms"])
-            self.count(group, "latency_compared")
-        champion, challenger = run["champion_score"], run["challenger_score"]
+            self.count(("shadow", challenger, "latency_diff_ms"), run["challenger_latency_ms"] - run["champion_latency_ms"])
+            self.count(("shadow", challenger, "latency_compared"))
+        champion, challenger_score = run["champion_score"], run["challenger_score"]
         if run["champion_label"] is not None and run["challenger_label"] is not None:
-            self.count(group, "compared")
-            self.count(group, "disagree", int(run["champion_label"] != run["challenger_label"]))
-        elif champion is not None and challenger is not None:
-            self.count(group, "compared")
-            self.count(group, "disagree", int((champion >= SCORE_DECISION_THRESHOLD) != (challenger >= SCORE_DECISION_THRESHOLD)))
-            self.count(group, "abs_score_diff", abs(challenger - champion))
-            self.count(group, f"champion_bin:{score_bin(champion)}")
-            self.count(group, f"challenger_bin:{score_bin(challenger)}")
+            self.count(("shadow", challenger, "compared"))
+            self.count(("shadow", challenger, "disagree"), int(run["champion_label"] != run["challenger_label"]))
+        elif champion is not None and challenger_score is not None:
+            self.count(("shadow", challenger, "compared"))
+            self.count(("shadow", challenger, "disagree"),
+                       int((champion >= SCORE_DECISION_THRESHOLD) != (challenger_score >= SCORE_DECISION_THRESHOLD)))
+            self.count(("shadow", challenger, "abs_score_diff"), abs(challenger_score - champion))
+            self.count(("shadow", challenger, f"champion_bin:{score_bin(champion)}"))
+            self.count(("shadow", challenger, f"challenger_bin:{score_bin(challenger_score)}"))
 
     def outcome(self, metric: str, time_ms: int, value: float, window_ms: int, metrics: frozenset[str]) -> None:
         if self.exposed_ms is None:
@@ -156,15 +204,18 @@ class UnitState:
         nothing across topics, so this must not depend on which came first."""
         if self.variant is None:
             return 0
-        own = counter_key("status", self.variant)
-        return int(sum(sum(counts.values()) for group, counts in self.counters.items()
-                       if group.startswith("status:") and group != own))
+        return sum(n for variant, n in self.predictions.items() if variant != self.variant)
 
-    def to_dict(self) -> dict:
-        return {"v": self.variant, "t": self.exposed_ms, "m": self.totals, "a": self.awaiting,
-                "f": self.fates, "x": self.inconsistencies, "r": self.recent_ids, "l": self.last_ms, "c": self.counters}
+    def to_bytes(self) -> bytes:
+        """The stored form: compact JSON of everything but the id hashes, a newline (which
+        JSON text never contains), then the id hashes as raw bytes."""
+        body = [self.variant, self.exposed_ms, self.totals, self.awaiting, self.fates, self.inconsistencies,
+                self.last_ms, self.offsets, self.predictions, [[*key, value] for key, value in self.counters.items()]]
+        return json.dumps(body, separators=(",", ":")).encode() + b"\n" + bytes(self.recent_ids)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UnitState":
-        return cls(d["v"], d["t"], dict(d["m"]), [tuple(a) for a in d["a"]], dict(d["f"]), d["x"], list(d["r"]), d["l"],
-                   {group: dict(counts) for group, counts in d["c"].items()})
+    def from_bytes(cls, data: bytes) -> "UnitState":
+        text, ids = data.split(b"\n", 1)
+        v, t, m, a, f, x, last, offsets, predictions, counters = json.loads(text)
+        return cls(v, t, m, [tuple(item) for item in a], f, x, bytearray(ids), last,
+                   {(ns, name, key): value for ns, name, key, value in counters}, offsets, predictions)

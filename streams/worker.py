@@ -1,30 +1,35 @@
 """The abstream worker: a faust-streaming app running both stages of the pipeline.
 
-- stage 1 (agent ``stage1`` on the input topics): streams/stage1.py folds each batch into
-  the changelogged ``units`` table and the partition's partials;
-- partials are published to ``<prefix>partials`` (keyed by experiment) on a cadence;
+- stage 1 (a batch handler on the input topics, streams/fetch.py): streams/stage1.py folds
+  each batch into the changelogged ``units`` table and the partition's partials;
+- after each batch's writes are in Kafka, the changed partials are published to
+  ``<prefix>partials`` (keyed by experiment), at most every ``PARTIALS_GAP_S``;
 - stage 2 (agent ``stage2`` on the partials topic): keeps the newest partial per source
-  partition in the changelogged ``experiments`` table, and a timer evaluates changed
-  experiments and publishes Decision events to ``<prefix>decisions``.
+  partition in the changelogged ``experiments`` table; a fast timer evaluates each changed
+  experiment once its last decision is ``decision_interval_s`` old, and publishes Decision
+  events to ``<prefix>decisions``.
 
 A worker started with ``--sink`` also runs the ClickHouse sink role (streams/sink.py) in a
 thread and serves read-only SQL on its loopback HTTP port.
 
 Agent concurrency stays 1: faust-streaming loses messages with concurrency > 1. Tables are
-written once per touched key per batch, through :func:`write_table`.
+written once per touched key per batch, through :func:`write_table` and
+:class:`UnitChangelog`.
 """
 from __future__ import annotations
 
-import ipaddress
+import asyncio
 import json
 import ssl
 import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import faust
+from faust.serializers import codecs
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import fetch, metrics
@@ -32,14 +37,97 @@ from streams.codec import Codec, ControlKind, schema_source
 from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
-from streams.sink import Sink
+from streams.sink import Sink, sink_endpoint_file, sql_answer
 from streams.stage1 import Stage1, expired
+from streams.units import UnitState
 from streams.stage2 import ControlState, control, decision_record, evaluate, merged_partial, with_partial
 from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, deadletter_headers,
-                            input_topic_names)
-from streams.warehouse import Warehouse, WarehouseError
+                            input_topic_names, make_producer)
+from streams.warehouse import Warehouse
 
 log = logging.getLogger("abstream.worker")
+# Partials are published after a batch at most this often; stage 2 collects them for this long.
+PARTIALS_GAP_S = 0.1
+STAGE2_WITHIN_S = 0.05
+
+
+class _TextCodec(codecs.Codec):
+    def _dumps(self, text: str) -> bytes:
+        return text.encode()
+
+    def _loads(self, data: bytes) -> str:
+        return data.decode()
+
+
+class _UnitStateCodec(codecs.Codec):
+    def _dumps(self, state: UnitState) -> bytes:
+        return state.to_bytes()
+
+    def _loads(self, data: bytes) -> UnitState:
+        return UnitState.from_bytes(data)
+
+
+codecs.register("abstream_text", _TextCodec())
+codecs.register("abstream_unit", _UnitStateCodec())
+
+
+class _CodecType:
+    """A table key or value type that only names its codec: Faust's Table takes codecs from
+    ``key_type._options.serializer`` and builds the decoded object with ``from_data``."""
+
+    @staticmethod
+    def from_data(data, preferred_type=None):
+        return data
+
+
+class _UnitKey(_CodecType):
+    _options = SimpleNamespace(serializer="abstream_text")
+
+
+class _UnitValue(_CodecType):
+    _options = SimpleNamespace(serializer="abstream_unit")
+
+
+class ChangelogWriteFailed(RuntimeError):
+    """Kafka did not take a unit-state record: the batch must not be acknowledged."""
+
+
+class UnitChangelog:
+    """Stage 1's writes to the units table's changelog, produced with confluent-kafka.
+
+    Why not Faust's ``send_changelog``: aiokafka's producer costs a future, a callback and
+    Python-side batching per record, and stage 1 writes ~0.75 records per input event; that
+    was 40-45% of a worker's main thread in py-spy (bench/PROFILE.md). librdkafka batches
+    in C. The records are what Faust's own table recovery reads back (same topic, same
+    codecs: "abstream_text" keys, "abstream_unit" values), so recovery, rebalances and the
+    table's memory store stay Faust's.
+    """
+
+    def __init__(self, settings: Settings, topic: str):
+        self.topic = topic
+        # Uncompressed: Faust's recovery reads these with aiokafka, which needs extra packages for lz4/zstd.
+        self.producer = make_producer(settings, **{"linger.ms": "5", "batch.size": "1000000"})
+        self.errors: list[str] = []
+
+    def write(self, partition: int, key: str, state: UnitState | None) -> None:
+        value = None if state is None else state.to_bytes()
+        while True:
+            try:
+                self.producer.produce(self.topic, value, key.encode(), partition=partition, on_delivery=self._delivered)
+                return
+            except BufferError:  # librdkafka's queue is full: let it send, then retry
+                self.producer.poll(0.05)
+
+    def _delivered(self, error, _message) -> None:
+        if error is not None:
+            self.errors.append(str(error))
+
+    def flush(self) -> None:
+        """Block until every record written so far is in Kafka (run it off the event loop)."""
+        self.producer.flush()
+        if self.errors:
+            errors, self.errors = self.errors, []
+            raise ChangelogWriteFailed(f"{len(errors)} unit-state records were not written: {errors[0]}")
 
 
 def write_table(table: faust.Table, partition: int, key: Any, value: Any) -> None:
@@ -52,12 +140,6 @@ def write_table(table: faust.Table, partition: int, key: Any, value: Any) -> Non
     """
     table.data[key] = value
     table.send_changelog(partition, key, value)
-
-
-def delete_from_table(table: faust.Table, partition: int, key: Any) -> None:
-    """Remove a table key and send its tombstone to ``partition`` (see :func:`write_table`)."""
-    table.data.pop(key, None)
-    table.send_changelog(partition, key, None, value_serializer="raw")
 
 
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
@@ -112,22 +194,34 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     control_topics = {kind: app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw")
                       for kind, name in ((ControlKind.ALERT, ALERTS), (ControlKind.KILLSWITCH, KILLSWITCH),
                                          (ControlKind.ALLOCATION, ALLOCATIONS))}
-    # Keys and values are JSON (Faust's default for tables without a type).
-    units = app.Table("units", default=None, partitions=settings.partitions)
+    # Unit states are written by UnitChangelog; the experiments table is JSON (Faust's default).
+    units = app.Table("units", default=None, partitions=settings.partitions, key_type=_UnitKey, value_type=_UnitValue)
+    unit_changelog = UnitChangelog(settings, units.changelog_topic.get_topic_name())
     experiment_partials = app.Table("experiments", default=None, partitions=settings.partitions)
     stage1 = Stage1(settings, codec, experiments, read_unit=units.data.get, scan_units=lambda: list(units.data.items()))
     changed_experiments: set[str] = set()
+    last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
+    last_published = [0.0]
+    # Held from a batch's fold until its writes are in Kafka: the timer must not publish
+    # partials that include unit states not yet written.
+    batch_in_flight = asyncio.Lock()
 
     async def publish_partials() -> None:
+        last_published[0] = time.monotonic()
         for partition, experiment_id, partial in stage1.take_dirty():
             await partials_topic.send(key=experiment_id.encode(),
                                       value={"source_partition": partition, "partial": partial.to_dict()})
 
     async def stage1_batch(messages) -> None:
+        async with batch_in_flight:
+            await fold_and_write(messages)
+
+    async def fold_and_write(messages) -> None:
         result = stage1.process(messages)
-        for partition, key, value in result.unit_writes:
-            write_table(units, partition, key, value)
+        for partition, key, state in result.unit_writes:
+            units.data[key] = state
+            unit_changelog.write(partition, key, state)
         for message, letter in result.dead:
             await deadletters.send(
                 # Kafka refuses a record with neither key nor value: an empty value stands for a tombstone.
@@ -135,7 +229,12 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 headers=deadletter_headers(letter, message.topic, message.partition, message.offset),
             )
         # The batch's offsets are acked after this returns: its effects must be in Kafka first.
+        await app.loop.run_in_executor(None, unit_changelog.flush)
         await app.producer.flush()
+        # Partials only after the unit states they sum are in Kafka (a crash in between would
+        # publish sums the recovered states do not hold).
+        if time.monotonic() - last_published[0] >= PARTIALS_GAP_S:
+            await publish_partials()
 
     # Stage 1 is not an agent: the consumer hands it one batch per fetch (streams/fetch.py).
     app.topics.add(inputs)
@@ -144,7 +243,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
 
     @app.agent(partials_topic, concurrency=1, name="stage2")
     async def stage2_agent(stream):
-        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+        async for events in stream.take_events(settings.batch_max_events, within=STAGE2_WITHIN_S):
             # Per experiment, the newest partial of each source partition in this batch.
             newest: dict[str, dict[int, dict]] = {}
             table_partition: dict[str, int] = {}
@@ -159,16 +258,24 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 write_table(experiment_partials, table_partition[experiment_id], experiment_id, stored)
                 changed_experiments.add(experiment_id)
 
-    @app.timer(interval=settings.decision_interval_s)
+    @app.timer(interval=min(settings.decision_interval_s, PARTIALS_GAP_S))
     async def cadence():
+        # Decisions on change: a changed experiment is evaluated as soon as its last decision
+        # is decision_interval_s old (the issue-10 latency target is p99 <= 1 s end to end).
         if not app.rebalancing and app.tables.recovery.completed.is_set():
             # Only once the unit table is recovered: partials rebuilt earlier would miss units.
             for tp in app.consumer.assignment():
                 if tp.topic in input_names:
                     stage1.adopt(tp.partition)
-        await publish_partials()
+        if stage1.dirty and time.monotonic() - last_published[0] >= PARTIALS_GAP_S:
+            async with batch_in_flight:
+                await publish_partials()  # partitions without new batches (adopted ones)
         metrics.INPUT_LAG.labels("stage1").set(stage1_lag())
+        now = time.monotonic()
         for experiment_id in sorted(changed_experiments):
+            if now - last_evaluated.get(experiment_id, 0.0) < settings.decision_interval_s:
+                continue
+            last_evaluated[experiment_id] = now
             changed_experiments.discard(experiment_id)
             config = experiments.get(experiment_id)
             stored = experiment_partials.data.get(experiment_id)
@@ -232,7 +339,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         # Unit state of experiments stopped longer than the retention is deleted (tombstoned).
         gone = expired(experiments.all(), int(time.time() * 1000), settings.exposure_retention_s)
         for partition, key in stage1.expire(gone):
-            delete_from_table(units, partition, key)
+            units.data.pop(key, None)
+            unit_changelog.write(partition, key, None)
+        await app.loop.run_in_executor(None, unit_changelog.flush)
         metrics.UNIT_STATES.set(len(units.data))
 
     @app.on_partitions_revoked.connect
@@ -260,31 +369,13 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
 
     @app.page("/sql")
     async def sql_page(web, request):
-        # Read-only SQL on the embedded ClickHouse this process owns; loopback clients only.
-        if warehouse is None:
-            return web.json({"error": "this worker does not hold the sink role"}, status=404)
-        if not ipaddress.ip_address(request.remote or "0.0.0.0").is_loopback:
-            return web.json({"error": "SQL is served to loopback clients only"}, status=403)
-        sql = request.query.get("query", "")
-        try:
-            parameters = json.loads(request.query.get("params", "{}"))
-        except json.JSONDecodeError:
-            return web.json({"error": "params must be a JSON object of query parameters"}, status=400)
-        try:
-            result = await app.loop.run_in_executor(None, warehouse.query, sql, parameters or None)
-        except WarehouseError as exc:
-            return web.json({"error": str(exc)}, status=400)
-        return web.bytes(
-            json.dumps({"columns": result.column_names, "rows": result.rows}, default=str).encode(),
-            content_type="application/json",
-        )
+        status, body = await app.loop.run_in_executor(None, sql_answer, warehouse, request.remote,
+                                                      request.query.get("query", ""), request.query.get("params"))
+        if isinstance(body, bytes):
+            return web.bytes(body, content_type="application/json")
+        return web.json(body, status=status)
 
     return app
-
-
-def sink_endpoint_file(settings: Settings) -> Path:
-    """Where the sink-holding worker writes its SQL endpoint while it runs."""
-    return settings.home / "sink.json"
 
 
 def run_worker(settings: Settings, *, sink: bool, loglevel: str = "warning") -> None:

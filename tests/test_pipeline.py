@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -18,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from streams.codec import EventKind
 from streams.codec import Codec
 from streams.experiments import load_config_file, publish_config, start, stop
-from streams.processes import start_worker, stop_worker, wait_healthy
+from streams.processes import start_sink, start_worker, stop_worker, wait_healthy
 from streams.simulate import SimulatedMessage, publish, simulate_records, simulated_messages
 from streams.topics import DEADLETTER, ensure_topics
 from streams.warehouse import RAW_TABLES, event_columns
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 pytestmark = pytest.mark.kafka
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "experiments"
@@ -147,3 +148,44 @@ def test_ten_thousand_events_reach_clickhouse_exactly_once(worker_settings, tmp_
     finally:
         stop_worker(worker)
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+
+def test_the_sink_role_runs_in_a_process_of_its_own(worker_settings, tmp_path):
+    # `abstream sink` holds the embedded ClickHouse; the worker beside it holds no sink role.
+    settings = worker_settings
+    sink_settings = replace(settings, web_port=free_port())
+    ensure_topics(settings)
+    publish_config(settings, start(load_config_file(EXAMPLES / "ranker-conversion.yaml")))
+    messages = simulated_messages(2_000, duplicates=40, malformed=0, n_units=200, seed=11)
+    distinct = {(m.kind, m.record["unit_id"], m.record["event_id"]) for m in messages}
+    worker = start_worker(settings, sink=False, log_path=tmp_path / "worker.log")
+    sink = start_sink(sink_settings, log_path=tmp_path / "sink.log")
+    try:
+        wait_healthy(settings, worker)
+        wait_healthy(sink_settings, sink)
+        assert publish(settings, messages) == 2_000
+
+        def landed():
+            rows = sql(sink_settings, " UNION ALL ".join(f"SELECT count() FROM {{db}}.{t}" for t in RAW_TABLES.values()))
+            return sum(int(n) for [n] in rows) >= len(distinct)
+
+        wait_until(landed, 120, "ClickHouse to hold every distinct event")
+        time.sleep(2)
+        by_kind = {kind: sum(1 for k, _, _ in distinct if k is kind) for kind in EventKind}
+        for kind, table in RAW_TABLES.items():
+            assert sql(sink_settings, f"SELECT count() FROM {{db}}.{table}") == [[by_kind[kind]]]
+        assert total(scrape(sink_settings), "abstream_sink_duplicates_total") == 40
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            sql(settings, "SELECT 1")  # the worker has no ClickHouse to answer from
+        assert refused.value.code == 404
+        # `abstream query` finds the sink process through its endpoint file.
+        abstream = str(Path(sys.executable).parent / "abstream")
+        env = {**os.environ, **settings.to_env()}
+        out = subprocess.run([abstream, "query", f"SELECT count() FROM {{db}}.{RAW_TABLES[EventKind.ASSIGNMENT]}", "--json"],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["rows"] == [[by_kind[EventKind.ASSIGNMENT]]]
+    finally:
+        stop_worker(sink)
+        stop_worker(worker)
+    assert sink.returncode == 0 and not (settings.home / "sink.json").exists()
