@@ -651,12 +651,13 @@ def regression_experiments(count: int, first_s: float, every_s: float) -> tuple[
 
 
 def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: float, *, sink: bool,
-              regressions: list[Regression], extra_configs: list[ExperimentConfig], warmup_s: float) -> dict:
-    """One worker; ``rate`` events/s of the corpus for ``seconds`` (+ the regression events)."""
+              regressions: list[Regression], extra_configs: list[ExperimentConfig], warmup_s: float,
+              n_workers: int = 1) -> dict:
+    """``n_workers`` workers; ``rate`` events/s of the corpus for ``seconds`` (+ the regression events)."""
     n_bg = min(len(corpus), int(rate * seconds))
     settings = bench.settings(phase)
     bench.prepare(settings, corpus.configs + extra_configs)
-    workers = bench.start_workers(settings, 1, sink=sink)
+    workers = bench.start_workers(settings, n_workers, sink=sink)
     decisions = TopicWatcher(settings, settings.topic(DECISIONS), ControlKind.DECISION)
     kills = TopicWatcher(settings, settings.topic(KILLSWITCH), ControlKind.KILLSWITCH)
     decisions.start()
@@ -674,9 +675,10 @@ def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: fl
     producer = Producer(producer_config(settings, **{"linger.ms": "5", "queue.buffering.max.messages": "1000000"}))
     topics = {kind: topic_of(settings, kind) for kind in EventKind}
     published: dict[tuple, float] = {}
-    result: dict[str, Any] = {"offered_rate": rate, "seconds": seconds, "events": len(schedule), "sink_role": sink}
+    result: dict[str, Any] = {"offered_rate": rate, "seconds": seconds, "events": len(schedule), "sink_role": sink,
+                              "workers": n_workers}
     try:
-        cpu0 = workers[0].cpu_seconds()
+        cpu0 = [w.cpu_seconds() for w in workers[:n_workers]]
         result["loadavg_at_start"] = list(os.getloadavg())
         t0 = time.time()
         behind_max = 0.0
@@ -692,7 +694,8 @@ def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: fl
             producer.poll(0)
         producer.flush(60)
         t_pub_end = time.time()
-        result["worker_cpu_share_while_paced"] = round((workers[0].cpu_seconds() - cpu0) / (t_pub_end - t0), 3)
+        result["worker_cpu_share_while_paced"] = [round((w.cpu_seconds() - c) / (t_pub_end - t0), 3)
+                                                  for w, c in zip(workers, cpu0)]
         window = [x for x in scraper.samples if t0 + warmup_s <= x["t"] <= t_pub_end]
         if len(window) >= 2:
             result["processed_rate_while_paced"] = round((window[-1]["consumed"] - window[0]["consumed"])
@@ -726,7 +729,7 @@ def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: fl
         result["decision_latency"] = decision_latency(decisions.snapshot(), published, t0 + warmup_s, t_pub_end)
         result["killswitch_latency"] = killswitch_latency(kills.snapshot(), published, regressions)
         result["stage1_input_lag_max"] = max((s["stage1_input_lag"] for s in scraper.samples), default=None)
-        result["worker_rss_mb"] = round(workers[0].rss_bytes() / 2**20, 1)
+        result["worker_rss_mb"] = [round(w.rss_bytes() / 2**20, 1) for w in workers[:n_workers]]
         return result
     finally:
         scraper.stop()
@@ -1121,6 +1124,8 @@ def main() -> int:
                         help=f"comma-separated parts: {', '.join(PARTS)}, profile (default: all but profile)")
     parser.add_argument("--events", type=int, default=300_000, help="corpus size for ceilings and throughput")
     parser.add_argument("--rate", type=float, default=10_000, help="offered load of the latency and sink parts (events/s)")
+    parser.add_argument("--latency-workers", type=int, default=2,
+                        help="workers of the paced latency run (one worker's capacity here is ~1.5x the offered 10,000/s)")
     parser.add_argument("--latency-s", type=float, default=60, help="duration of the paced latency run")
     parser.add_argument("--sink-s", type=float, default=45, help="duration of the paced sink run")
     parser.add_argument("--low-rate", type=float, default=1500,
@@ -1204,8 +1209,10 @@ def main() -> int:
             configs, regressions = regression_experiments(args.regressions, first_s=15.0,
                                                           every_s=max(1.0, (args.latency_s - 25.0) / max(1, args.regressions)))
             report["latency"] = paced_run(bench, corpus, "latency", args.rate, args.latency_s, sink=False,
-                                          regressions=regressions, extra_configs=configs, warmup_s=5.0)
-            report["latency"]["method"] = "one worker without the sink role; paced producer at the offered rate"
+                                          regressions=regressions, extra_configs=configs, warmup_s=5.0,
+                                          n_workers=args.latency_workers)
+            report["latency"]["method"] = (f"{args.latency_workers} worker(s) without the sink role (--latency-workers); "
+                                           "paced producer at the offered rate")
             if args.low_rate:
                 # Below the worker's capacity the backlog stays empty: what is left is the engine's
                 # own floor (batching, the partials hop, the decision cadence).

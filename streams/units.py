@@ -58,6 +58,7 @@ SCORE_DECISION_THRESHOLD = 0.5
 # The input topics in a fixed order, for the per-topic offsets (see streams.stage1).
 TOPIC_SLOTS = 4
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 CounterKey = tuple[str, str, str]  # (namespace, variant or challenger, key)
 
 
@@ -100,9 +101,15 @@ class UnitState:
     journal: dict[CounterKey, float] | None = field(default=None, compare=False, repr=False)
 
     def copy(self) -> "UnitState":
-        return UnitState(self.variant, self.exposed_ms, dict(self.totals), list(self.awaiting), dict(self.fates),
-                         self.inconsistencies, bytearray(self.recent_ids), self.last_ms, dict(self.counters),
-                         list(self.offsets), dict(self.predictions))
+        # Slot by slot, past the dataclass __init__ (the copy is made once per touched unit per batch).
+        other = object.__new__(UnitState)
+        other.variant, other.exposed_ms, other.inconsistencies, other.last_ms = \
+            self.variant, self.exposed_ms, self.inconsistencies, self.last_ms
+        other.totals, other.awaiting, other.fates, other.recent_ids = \
+            self.totals.copy(), self.awaiting.copy(), self.fates.copy(), self.recent_ids.copy()
+        other.counters, other.offsets, other.predictions, other.journal = \
+            self.counters.copy(), self.offsets.copy(), self.predictions.copy(), None
+        return other
 
     def count(self, key: CounterKey, by: float = 1) -> None:
         counters = self.counters
@@ -211,7 +218,7 @@ class UnitState:
         JSON text never contains), then the id hashes as raw bytes."""
         body = [self.variant, self.exposed_ms, self.totals, self.awaiting, self.fates, self.inconsistencies,
                 self.last_ms, self.offsets, self.predictions, [[*key, value] for key, value in self.counters.items()]]
-        return json.dumps(body, separators=(",", ":")).encode() + b"\n" + bytes(self.recent_ids)
+        return _ENCODER.encode(body).encode() + b"\n" + bytes(self.recent_ids)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "UnitState":

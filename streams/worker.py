@@ -198,7 +198,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     units = app.Table("units", default=None, partitions=settings.partitions, key_type=_UnitKey, value_type=_UnitValue)
     unit_changelog = UnitChangelog(settings, units.changelog_topic.get_topic_name())
     experiment_partials = app.Table("experiments", default=None, partitions=settings.partitions)
-    stage1 = Stage1(settings, codec, experiments, read_unit=units.data.get, scan_units=lambda: list(units.data.items()))
+    # The memory store's own dict: the Store's Mapping.get was 5.5% of a worker in py-spy.
+    unit_states: dict = units.data.data
+    stage1 = Stage1(settings, codec, experiments, read_unit=unit_states.get, scan_units=lambda: list(unit_states.items()))
     changed_experiments: set[str] = set()
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
