@@ -729,6 +729,7 @@ def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: fl
         result["decision_latency"] = decision_latency(decisions.snapshot(), published, t0 + warmup_s, t_pub_end)
         result["killswitch_latency"] = killswitch_latency(kills.snapshot(), published, regressions)
         result["stage1_input_lag_max"] = max((s["stage1_input_lag"] for s in scraper.samples), default=None)
+        result["stage1_batches"] = [batch_histograms(w) for w in workers[:n_workers]]
         result["worker_rss_mb"] = [round(w.rss_bytes() / 2**20, 1) for w in workers[:n_workers]]
         return result
     finally:
@@ -737,6 +738,20 @@ def paced_run(bench: Bench, corpus: Corpus, phase: str, rate: float, seconds: fl
         kills.stop()
         for w in workers:
             w.stop()
+
+
+def batch_histograms(worker: Worker) -> dict:
+    """A worker's stage-1 batch histograms over the whole run: count, mean and the cumulative
+    share at each bucket bound (where the engine's time goes: folding, or waiting to be read)."""
+    samples = worker.metrics()
+    out = {}
+    for name in ("abstream_batch_seconds", "abstream_batch_delay_seconds", "abstream_batch_events"):
+        count = metric_sum(samples, f"{name}_count")
+        total = metric_sum(samples, f"{name}_sum")
+        buckets = {labels["le"]: value for labels, value in samples.get(f"{name}_bucket", [])}
+        out[name] = {"count": count, "mean": round(total / count, 4) if count else None,
+                     "share_at_or_below": {le: round(v / count, 3) for le, v in buckets.items()} if count else {}}
+    return out
 
 
 def percentiles(values: list[float]) -> dict:

@@ -73,8 +73,10 @@ class Stage1:
         self.short_names = {topic: topic[len(settings.topic_prefix):] for topic in self.kinds}
         # Each input topic's slot in UnitState.offsets.
         self.slots = {settings.topic(INPUT_TOPICS[kind]): i for i, kind in enumerate(EventKind)}
-        # Prometheus children per (experiment, variant): labels() per prediction was 1.4% of a worker.
-        self._latency_children: dict[tuple[str, str], Any] = {}
+        # This batch's prediction latencies per (experiment, variant): (bucket -> count, sum);
+        # an _apply records its own in _applied_latencies, kept only if it does not raise.
+        self._latencies: dict[tuple[str, str], list] = defaultdict(lambda: [{}, 0.0])
+        self._applied_latencies: list[tuple[str, float]] = []
         self.partials: dict[int, dict[str, Partial]] = {}
         self.dirty: set[tuple[int, str]] = set()
         # Next offset to process per (topic, partition): the input lag is measured against it.
@@ -153,8 +155,10 @@ class Stage1:
             state = UnitState() if stored is None else stored.copy()
             journal: dict = {}
             state.journal = journal
+            self._applied_latencies = []
             try:
                 changed = self._apply(state, events, config)
+                self._keep_latencies(experiment_id)
             except Exception:
                 state, changed, journal = self._apply_each(stored, events, config, result)
             state.journal = None
@@ -168,10 +172,14 @@ class Stage1:
                 for (ns, variant, status), n in journal.items():
                     if ns == "status":
                         predictions[(experiment_id, variant, status)] += int(n)
+        # Label values are bounded by the config: a router's typo must not create series.
         for (experiment_id, variant, status), n in predictions.items():
-            # Label values are bounded by the config: a router's typo must not create series.
             config = self.experiments.get(experiment_id)
             metrics.PREDICTIONS.labels(experiment_id, variant if variant in config.weights else "unknown", status).inc(n)
+        for (experiment_id, variant), (counts, total) in self._latencies.items():
+            config = self.experiments.get(experiment_id)
+            metrics.PREDICTION_LATENCY.add((experiment_id, variant if variant in config.weights else "unknown"), counts, total)
+        self._latencies.clear()
         return result
 
     def _apply_each(self, stored: UnitState | None, events: list, config: Any,
@@ -183,8 +191,10 @@ class Stage1:
         changed, journal = False, {}
         for event in events:
             before, state.journal = state.copy(), {}
+            self._applied_latencies = []
             try:
                 changed |= self._apply(state, [event], config)
+                self._keep_latencies(event[1]["experiment_id"])
             except Exception as exc:
                 state = before
                 kind, _, message = event
@@ -209,20 +219,20 @@ class Stage1:
                 state.expose(event["variant"], event["event_time"], window_ms, tracked)
             elif kind is EventKind.PREDICTION:
                 state.predicted(event)
-                self._latency_histogram(event["experiment_id"], event["variant"], config).observe(event["latency_ms"] / 1000)
+                self._applied_latencies.append((event["variant"], event["latency_ms"] / 1000))
             elif kind is EventKind.OUTCOME:
                 state.outcome(event["metric"], event["event_time"], event["value"], window_ms, tracked)
             else:
                 state.shadowed(event)
         return changed
 
-    def _latency_histogram(self, experiment_id: str, variant: str, config: Any) -> Any:
-        child = self._latency_children.get((experiment_id, variant))
-        if child is None:
-            # Label values are bounded by the config: a router's typo must not create series.
-            label = variant if variant in config.weights else "unknown"
-            child = self._latency_children[(experiment_id, variant)] = metrics.PREDICTION_LATENCY.labels(experiment_id, label)
-        return child
+    def _keep_latencies(self, experiment_id: str) -> None:
+        bucket = metrics.PREDICTION_LATENCY.bucket
+        for variant, latency_s in self._applied_latencies:
+            histogram = self._latencies[(experiment_id, variant)]
+            index = bucket(latency_s)
+            histogram[0][index] = histogram[0].get(index, 0) + 1
+            histogram[1] += latency_s
 
     def expire(self, experiment_ids: set[str]) -> list[tuple[int, str]]:
         """Forget the unit states and partials of these experiments; returns the (partition,

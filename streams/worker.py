@@ -217,7 +217,13 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
 
     async def stage1_batch(messages) -> None:
         async with batch_in_flight:
+            started = time.time()
             await fold_and_write(messages)
+            done = time.time()
+            metrics.BATCH_SECONDS.observe(done - started)
+            oldest_ms = min((m.timestamp for m in messages if m.timestamp is not None), default=None)
+            if oldest_ms is not None:
+                metrics.BATCH_DELAY_SECONDS.observe(max(0.0, done - oldest_ms / 1000))
 
     async def fold_and_write(messages) -> None:
         result = stage1.process(messages)

@@ -167,3 +167,25 @@ def test_a_unit_state_survives_its_stored_form():
     state.applied_before(2, 41)
     assert UnitState.from_bytes(state.to_bytes()) == state
     assert len(state.recent_ids) == 64 * 8 and not state.first_time("p99", 0) and state.first_time("p1", 0)
+
+
+def test_prediction_latencies_reach_the_histogram_once_even_when_a_batch_is_applied_twice():
+    from prometheus_client import REGISTRY
+
+    def latency_count() -> float:
+        return REGISTRY.get_sample_value("abstream_prediction_latency_seconds_count", {"experiment": "e", "variant": "treatment"}) or 0.0
+
+    class Fragile(Stage1):
+        def _apply(self, state, events, config):
+            if any(event["event_id"] == "x9" for _, event, _ in events):
+                raise RuntimeError("boom")  # after the fast path has seen the predictions before it
+            return super()._apply(state, events, config)
+
+    fold, _ = stage1(Fragile)
+    before = latency_count()
+    result = fold.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.PREDICTION, 2, latency_ms=30.0),
+                           message(EventKind.PREDICTION, 3, latency_ms=3000.0), message(EventKind.OUTCOME, 9)])
+    assert len(result.dead) == 1
+    assert latency_count() - before == 2
+    assert REGISTRY.get_sample_value("abstream_prediction_latency_seconds_bucket",
+                                     {"experiment": "e", "variant": "treatment", "le": "0.05"}) >= 1
