@@ -34,6 +34,11 @@ BATCH_SECONDS = Histogram(
     "abstream_batch_seconds", "Time to fold one stage-1 batch and get its writes into Kafka.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+BATCH_PHASE_SECONDS = Histogram(
+    "abstream_batch_phase_seconds",
+    "Time of one phase of a stage-1 batch: fold (decode, fold, encode), changelog_flush, producer_flush.",
+    ["phase"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 BATCH_DELAY_SECONDS = Histogram(
     "abstream_batch_delay_seconds",
     "Age of a stage-1 batch's oldest event (from its Kafka timestamp) once the batch is written.",

@@ -226,9 +226,10 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 metrics.BATCH_DELAY_SECONDS.observe(max(0.0, done - oldest_ms / 1000))
 
     async def fold_and_write(messages) -> None:
+        started = time.time()
         result = stage1.process(messages)
         for partition, key, state in result.unit_writes:
-            units.data[key] = state
+            unit_states[key] = state
             unit_changelog.write(partition, key, state)
         for message, letter in result.dead:
             await deadletters.send(
@@ -236,9 +237,14 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 key=message.key, value=message.value if message.value is not None or message.key is not None else b"",
                 headers=deadletter_headers(letter, message.topic, message.partition, message.offset),
             )
+        folded = time.time()
+        metrics.BATCH_PHASE_SECONDS.labels("fold").observe(folded - started)
         # The batch's offsets are acked after this returns: its effects must be in Kafka first.
         await app.loop.run_in_executor(None, unit_changelog.flush)
+        flushed = time.time()
+        metrics.BATCH_PHASE_SECONDS.labels("changelog_flush").observe(flushed - folded)
         await app.producer.flush()
+        metrics.BATCH_PHASE_SECONDS.labels("producer_flush").observe(time.time() - flushed)
         # Partials only after the unit states they sum are in Kafka (a crash in between would
         # publish sums the recovered states do not hold).
         if time.monotonic() - last_published[0] >= PARTIALS_GAP_S:
