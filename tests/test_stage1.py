@@ -189,3 +189,40 @@ def test_prediction_latencies_reach_the_histogram_once_even_when_a_batch_is_appl
     assert latency_count() - before == 2
     assert REGISTRY.get_sample_value("abstream_prediction_latency_seconds_bucket",
                                      {"experiment": "e", "variant": "treatment", "le": "0.05"}) >= 1
+
+
+def test_any_unit_state_survives_its_stored_form():
+    from hypothesis import given, settings as hsettings, strategies as st
+
+    from streams.units import UnitState
+
+    metrics = frozenset({"m", "n"})
+    operation = st.one_of(
+        st.tuples(st.just("id"), st.text(max_size=20), st.integers(0, 10**13)),
+        st.tuples(st.just("expose"), st.sampled_from(["control", "treatment", "ü\n"]), st.integers(0, 10**13)),
+        st.tuples(st.just("outcome"), st.sampled_from(["m", "n", "x"]), st.integers(0, 10**13),
+                  st.floats(-1e9, 1e9, allow_nan=False)),
+        st.tuples(st.just("predicted"), st.sampled_from(["control", "treatment"]), st.floats(0, 1e5),
+                  st.one_of(st.none(), st.floats(-5, 5)), st.sampled_from(["ok", "error", "timeout"])),
+        st.tuples(st.just("offset"), st.integers(0, 3), st.integers(0, 2**62)),
+    )
+
+    @hsettings(max_examples=200, deadline=None)
+    @given(st.lists(operation, max_size=60))
+    def check(operations):
+        state = UnitState()
+        for op in operations:
+            if op[0] == "id":
+                state.first_time(op[1], op[2])
+            elif op[0] == "expose":
+                state.expose(op[1], op[2], 10**6, metrics)
+            elif op[0] == "outcome":
+                state.outcome(op[1], op[2], op[3], 10**6, metrics)
+            elif op[0] == "predicted":
+                state.predicted({"variant": op[1], "latency_ms": op[2], "score": op[3], "status": op[4], "event_time": 7})
+            else:
+                state.applied_before(op[1], op[2])
+        assert UnitState.from_bytes(state.to_bytes()) == state
+        assert state.copy() == state
+
+    check()
