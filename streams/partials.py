@@ -27,7 +27,9 @@ class MetricSpec(Protocol):
 
 
 def metric_kind(metric: MetricSpec) -> str:
-    return metric.kind.value if isinstance(metric.kind, Enum) else metric.kind
+    kind = metric.kind
+    # _value_, not .value: an Enum's .value is a descriptor call, ~1 us, paid per metric per touched unit.
+    return kind._value_ if isinstance(kind, Enum) else kind
 
 
 def outcome_names(metrics: Iterable[MetricSpec]) -> frozenset[str]:

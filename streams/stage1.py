@@ -27,6 +27,9 @@ from streams.topics import INPUT_TOPICS, input_topic_names
 from streams.units import UnitState
 
 KEY_SEPARATOR = "\x1f"
+# Events of experiments in these states are counted and dropped (str values: the config's
+# status is a str enum, and Stage1 takes any config object).
+_INACTIVE = frozenset({"draft", "stopped"})
 _KIND_TAG = {EventKind.ASSIGNMENT: "a", EventKind.PREDICTION: "p", EventKind.SHADOW: "s", EventKind.OUTCOME: "o"}
 
 
@@ -77,6 +80,7 @@ class Stage1:
         # an _apply records its own in _applied_latencies, kept only if it does not raise.
         self._latencies: dict[tuple[str, str], list] = defaultdict(lambda: [{}, 0.0])
         self._applied_latencies: list[tuple[str, float]] = []
+        self._attributions: dict[str, tuple[Any, int, frozenset[str]]] = {}
         self.partials: dict[int, dict[str, Partial]] = {}
         self.dirty: set[tuple[int, str]] = set()
         # Next offset to process per (topic, partition): the input lag is measured against it.
@@ -132,8 +136,8 @@ class Stage1:
                 if config is None:
                     decoded = DeadLetter(DeadLetterReason.UNKNOWN_EXPERIMENT,
                                          f"experiment {decoded['experiment_id'][:80]!r} is not defined")
-                elif config.status.value in ("draft", "stopped"):
-                    reason = f"experiment_{config.status.value}"
+                elif config.status in _INACTIVE:
+                    reason = f"experiment_{config.status._value_}"
                     result.ignored[reason] = result.ignored.get(reason, 0) + 1
                     metrics.EVENTS_IGNORED.labels(topic, reason).inc()
                     continue
@@ -206,8 +210,7 @@ class Stage1:
         return state, changed, journal
 
     def _apply(self, state: UnitState, events: list, config: Any) -> bool:
-        window_ms = int(config.attribution_window_s * 1000)
-        tracked = outcome_names(config.metrics)
+        window_ms, tracked = self._attribution(config)
         changed = False
         for kind, event, message in events:
             if state.applied_before(self.slots[message.topic], message.offset) \
@@ -225,6 +228,15 @@ class Stage1:
             else:
                 state.shadowed(event)
         return changed
+
+    def _attribution(self, config: Any) -> tuple[int, frozenset[str]]:
+        """The config's attribution window (ms) and tracked outcomes, computed once per config
+        object (outcome_names per touched unit was 7% of the fold in cProfile)."""
+        cached = self._attributions.get(config.experiment_id)
+        if cached is None or cached[0] is not config:
+            cached = self._attributions[config.experiment_id] = (
+                config, int(config.attribution_window_s * 1000), outcome_names(config.metrics))
+        return cached[1], cached[2]
 
     def _keep_latencies(self, experiment_id: str) -> None:
         bucket = metrics.PREDICTION_LATENCY.bucket

@@ -209,9 +209,9 @@ class UnitState:
         """Predictions that name another variant than the unit's exposure (0 while unexposed).
         A prediction and its unit's assignment travel on different topics, and Kafka orders
         nothing across topics, so this must not depend on which came first."""
-        if self.variant is None:
+        if self.variant is None or not self.predictions:
             return 0
-        return sum(n for variant, n in self.predictions.items() if variant != self.variant)
+        return sum(self.predictions.values()) - self.predictions.get(self.variant, 0)
 
     def to_bytes(self) -> bytes:
         """The stored form: compact JSON of everything but the id hashes, a newline (which
