@@ -1093,7 +1093,7 @@ def table(report: dict) -> str:
                          f"{fmt(d.get('p50_s'))} / {fmt(d.get('p95_s'))} / {fmt(d.get('p99_s'))} s (n={d['count']})"))
     s = report.get("sink", {})
     if "processed_rate_while_paced" in s:
-        rows.append((f"stage 1 in the sink-holding worker, {s['offered_rate']:,.0f} ev/s offered",
+        rows.append((f"stage 1 beside `abstream sink`, {s['offered_rate']:,.0f} ev/s offered",
                      f"{s['processed_rate_while_paced']:,} ev/s"))
     mem = report.get("memory", {})
     if mem.get("marks"):
