@@ -24,7 +24,6 @@ import ssl
 import logging
 import os
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
