@@ -246,6 +246,10 @@ def _next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 
+class SinkServiceError(RuntimeError):
+    """``abstream sink`` cannot start; the message says why and what to change."""
+
+
 def sink_endpoint_file(settings: Settings) -> Path:
     """Where the process holding the sink role writes its SQL endpoint while it runs."""
     return settings.home / "sink.json"
@@ -270,8 +274,6 @@ def run_sink_service(settings: Settings) -> None:
 
     ensure_topics(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
-    warehouse = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database)
-    sink = Sink(settings, warehouse, Codec(schema_source(settings.schema_registry_url)))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -299,7 +301,13 @@ def run_sink_service(settings: Settings) -> None:
         def log_message(self, *args) -> None:  # no access log on stderr
             pass
 
-    server = ThreadingHTTPServer((settings.web_host, settings.web_port), Handler)
+    try:
+        server = ThreadingHTTPServer((settings.web_host, settings.web_port), Handler)
+    except OSError as exc:
+        raise SinkServiceError(f"cannot serve on {settings.web_host}:{settings.web_port} ({exc.strerror}); "
+                               "set --web-port or ABSTREAM_WEB_PORT") from None
+    warehouse = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database)
+    sink = Sink(settings, warehouse, Codec(schema_source(settings.schema_registry_url)))
     endpoint = sink_endpoint_file(settings)
     sink.start()
     endpoint.write_text(json.dumps({"pid": os.getpid(), "url": f"http://{settings.web_host}:{settings.web_port}"}))

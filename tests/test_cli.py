@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ABSTREAM = str(Path(sys.executable).parent / "abstream")
-SUBCOMMANDS = ["demo", "kafka", "worker", "simulate", "query", "experiment", "status", "plan", "report", "alerts-bridge"]
+SUBCOMMANDS = ["demo", "kafka", "worker", "sink", "simulate", "query", "experiment", "status", "plan", "report", "alerts-bridge"]
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -75,3 +75,14 @@ def test_contradictory_simulate_options():
 def test_kafka_status_when_not_running(tmp_path):
     result = run("kafka", "status", "--data-dir", str(tmp_path), "--port", "1")
     assert result.returncode == 1 and "not running" in result.stdout
+
+
+def test_sink_on_a_taken_port_is_one_line_and_exit_1(settings, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**settings.to_env(), "ABSTREAM_HOME": str(tmp_path), "ABSTREAM_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'ch'}"}
+        result = run("sink", "--web-port", str(taken.getsockname()[1]), env=env)
+    assert_one_line_error(result, 1, "cannot serve on 127.0.0.1")
