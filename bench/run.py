@@ -1078,19 +1078,13 @@ def table(report: dict) -> str:
     lat = report.get("latency", {})
     if "processed_rate_while_paced" in lat:
         rows.append((f"worker processed while {lat['offered_rate']:,.0f} ev/s offered", f"{lat['processed_rate_while_paced']:,} ev/s"))
-    for key, label in (("decision_latency", "decision latency p50/p95/p99"), ("killswitch_latency", "kill-switch latency p50/p95/p99")):
-        if key in lat:
-            d = lat[key]
-            fmt = lambda v: "inf" if v is None else f"{v:.2f}"
-            rows.append((f"{label} @ {lat['offered_rate']:,.0f} ev/s",
-                         f"{fmt(d.get('p50_s'))} / {fmt(d.get('p95_s'))} / {fmt(d.get('p99_s'))} s (n={d['count']})"))
-    low = lat.get("below_capacity", {})
-    for key, label in (("decision_latency", "decision latency p50/p95/p99"), ("killswitch_latency", "kill-switch latency p50/p95/p99")):
-        if key in low:
-            d = low[key]
-            fmt = lambda v: "inf" if v is None else f"{v:.2f}"
-            rows.append((f"{label} @ {low['offered_rate']:,.0f} ev/s (below capacity)",
-                         f"{fmt(d.get('p50_s'))} / {fmt(d.get('p95_s'))} / {fmt(d.get('p99_s'))} s (n={d['count']})"))
+    fmt = lambda v: "inf" if v is None else f"{v:.2f}"
+    for run, suffix in ((lat, ""), (lat.get("below_capacity", {}), " (below capacity)")):
+        for key, label in (("decision_latency", "decision latency p50/p95/p99"), ("killswitch_latency", "kill-switch latency p50/p95/p99")):
+            if key in run:
+                d = run[key]
+                rows.append((f"{label} @ {run['offered_rate']:,.0f} ev/s{suffix}",
+                             f"{fmt(d.get('p50_s'))} / {fmt(d.get('p95_s'))} / {fmt(d.get('p99_s'))} s (n={d['count']})"))
     s = report.get("sink", {})
     if "processed_rate_while_paced" in s:
         rows.append((f"stage 1 beside `abstream sink`, {s['offered_rate']:,.0f} ev/s offered",
