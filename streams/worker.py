@@ -92,7 +92,8 @@ class ChangelogWriteFailed(RuntimeError):
 
 
 class UnitChangelog:
-    """Stage 1's writes to the units table's changelog, produced with confluent-kafka.
+    """Stage 1's writes to the units table: the memory store's dict and its changelog record
+    together, the record produced with confluent-kafka.
 
     Why not Faust's ``send_changelog``: aiokafka's producer costs a future, a callback and
     Python-side batching per record, and stage 1 writes ~0.75 records per input event; that
@@ -102,14 +103,21 @@ class UnitChangelog:
     table's memory store stay Faust's.
     """
 
-    def __init__(self, settings: Settings, topic: str):
+    def __init__(self, settings: Settings, topic: str, states: dict):
         self.topic = topic
+        self.states = states
         # Uncompressed: Faust's recovery reads these with aiokafka, which needs extra packages for lz4/zstd.
         self.producer = make_producer(settings, **{"linger.ms": "5", "batch.size": "1000000"})
         self.errors: list[str] = []
 
     def write(self, partition: int, key: str, state: UnitState | None) -> None:
-        value = None if state is None else state.to_bytes()
+        """Set a unit's state (None deletes it) and queue its changelog record (a tombstone)."""
+        if state is None:
+            self.states.pop(key, None)
+            value = None
+        else:
+            self.states[key] = state
+            value = state.to_bytes()
         while True:
             try:
                 self.producer.produce(self.topic, value, key.encode(), partition=partition, on_delivery=self._delivered)
@@ -195,21 +203,26 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                                          (ControlKind.ALLOCATION, ALLOCATIONS))}
     # Unit states are written by UnitChangelog; the experiments table is JSON (Faust's default).
     units = app.Table("units", default=None, partitions=settings.partitions, key_type=_UnitKey, value_type=_UnitValue)
-    unit_changelog = UnitChangelog(settings, units.changelog_topic.get_topic_name())
     experiment_partials = app.Table("experiments", default=None, partitions=settings.partitions)
     # The memory store's own dict: the Store's Mapping.get was 5.5% of a worker in py-spy.
     unit_states: dict = units.data.data
+    unit_changelog = UnitChangelog(settings, units.changelog_topic.get_topic_name(), unit_states)
     stage1 = Stage1(settings, codec, experiments, read_unit=unit_states.get, scan_units=lambda: list(unit_states.items()))
     changed_experiments: set[str] = set()
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
-    last_published = [0.0]
+    last_published = 0.0
     # Held from a batch's fold until its writes are in Kafka: the timer must not publish
     # partials that include unit states not yet written.
     batch_in_flight = asyncio.Lock()
 
-    async def publish_partials() -> None:
-        last_published[0] = time.monotonic()
+    async def publish_partials_when_due() -> None:
+        """Publish the changed partials, at most every PARTIALS_GAP_S; the caller holds
+        batch_in_flight."""
+        nonlocal last_published
+        if not stage1.dirty or time.monotonic() - last_published < PARTIALS_GAP_S:
+            return
+        last_published = time.monotonic()
         for partition, experiment_id, partial in stage1.take_dirty():
             await partials_topic.send(key=experiment_id.encode(),
                                       value={"source_partition": partition, "partial": partial.to_dict()})
@@ -228,7 +241,6 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         started = time.time()
         result = stage1.process(messages)
         for partition, key, state in result.unit_writes:
-            unit_states[key] = state
             unit_changelog.write(partition, key, state)
         for message, letter in result.dead:
             await deadletters.send(
@@ -246,8 +258,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         metrics.BATCH_PHASE_SECONDS.labels("producer_flush").observe(time.time() - flushed)
         # Partials only after the unit states they sum are in Kafka (a crash in between would
         # publish sums the recovered states do not hold).
-        if time.monotonic() - last_published[0] >= PARTIALS_GAP_S:
-            await publish_partials()
+        await publish_partials_when_due()
 
     # Stage 1 is not an agent: the consumer hands it one batch per fetch (streams/fetch.py).
     app.topics.add(inputs)
@@ -280,9 +291,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             for tp in app.consumer.assignment():
                 if tp.topic in input_names:
                     stage1.adopt(tp.partition)
-        if stage1.dirty and time.monotonic() - last_published[0] >= PARTIALS_GAP_S:
+        if not batch_in_flight.locked():  # else the batch in flight publishes when its writes are in
             async with batch_in_flight:
-                await publish_partials()  # partitions without new batches (adopted ones)
+                await publish_partials_when_due()  # partitions without new batches (adopted ones)
         metrics.INPUT_LAG.labels("stage1").set(stage1_lag())
         now = time.monotonic()
         for experiment_id in sorted(changed_experiments):
@@ -351,11 +362,12 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     async def retention():
         # Unit state of experiments stopped longer than the retention is deleted (tombstoned).
         gone = expired(experiments.all(), int(time.time() * 1000), settings.exposure_retention_s)
-        for partition, key in stage1.expire(gone):
-            units.data.pop(key, None)
+        deleted = stage1.expire(gone)
+        for partition, key in deleted:
             unit_changelog.write(partition, key, None)
-        await app.loop.run_in_executor(None, unit_changelog.flush)
-        metrics.UNIT_STATES.set(len(units.data))
+        if deleted:
+            await app.loop.run_in_executor(None, unit_changelog.flush)
+        metrics.UNIT_STATES.set(len(unit_states))
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
