@@ -581,7 +581,7 @@ def _run(settings: Settings, pace: Pace, run_id: str, out: Path, started: Starte
                                     f"see {settings.home}/demo-worker-*.log")
                 time.sleep(0.3)
                 live.update(render(day, view, configs, sim_ms, end_ms, pace, waiting=True))
-            time.sleep(2.5)  # the last looks (decisions at most every 0.5 s) and their alerts
+            time.sleep(2.5)  # the last looks (decisions at most every 0.25 s) and their alerts
             live.update(render(day, view, configs, sim_ms, end_ms, pace))
         _wait_for_clickhouse(sink_settings, day, view, console)
         paths = _write_reports(sink_settings, configs, out, console)

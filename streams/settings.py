@@ -50,7 +50,7 @@ class Settings:
     web_port: int = 6066
     batch_max_events: int = 10000
     batch_within_s: float = 0.2
-    decision_interval_s: float = 0.5
+    decision_interval_s: float = 0.25
     exposure_retention_s: float = 7 * 24 * 3600.0
     model_registry: str = ""
     broker_session_timeout_s: float = 30.0

@@ -38,7 +38,6 @@ from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
 from streams.sink import Sink, sink_endpoint_file, sql_answer
 from streams.stage1 import Stage1, expired
-from streams.units import UnitState
 from streams.stage2 import ControlState, control, decision_record, evaluate, merged_partial, with_partial
 from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, deadletter_headers,
                             input_topic_names, make_producer)
@@ -58,16 +57,7 @@ class _TextCodec(codecs.Codec):
         return data.decode()
 
 
-class _UnitStateCodec(codecs.Codec):
-    def _dumps(self, state: UnitState) -> bytes:
-        return state.to_bytes()
-
-    def _loads(self, data: bytes) -> UnitState:
-        return UnitState.from_bytes(data)
-
-
 codecs.register("abstream_text", _TextCodec())
-codecs.register("abstream_unit", _UnitStateCodec())
 
 
 class _CodecType:
@@ -84,7 +74,7 @@ class _UnitKey(_CodecType):
 
 
 class _UnitValue(_CodecType):
-    _options = SimpleNamespace(serializer="abstream_unit")
+    _options = SimpleNamespace(serializer="raw")  # the stored form, UnitState.to_bytes()
 
 
 class ChangelogWriteFailed(RuntimeError):
@@ -93,13 +83,13 @@ class ChangelogWriteFailed(RuntimeError):
 
 class UnitChangelog:
     """Stage 1's writes to the units table: the memory store's dict and its changelog record
-    together, the record produced with confluent-kafka.
+    together (both the unit state's stored form), the record produced with confluent-kafka.
 
     Why not Faust's ``send_changelog``: aiokafka's producer costs a future, a callback and
     Python-side batching per record, and stage 1 writes ~0.75 records per input event; that
     was 40-45% of a worker's main thread in py-spy (bench/PROFILE.md). librdkafka batches
     in C. The records are what Faust's own table recovery reads back (same topic, same
-    codecs: "abstream_text" keys, "abstream_unit" values), so recovery, rebalances and the
+    codecs: "abstream_text" keys, "raw" values), so recovery, rebalances and the
     table's memory store stay Faust's.
     """
 
@@ -110,14 +100,12 @@ class UnitChangelog:
         self.producer = make_producer(settings, **{"linger.ms": "5", "batch.size": "1000000"})
         self.errors: list[str] = []
 
-    def write(self, partition: int, key: str, state: UnitState | None) -> None:
-        """Set a unit's state (None deletes it) and queue its changelog record (a tombstone)."""
-        if state is None:
+    def write(self, partition: int, key: str, value: bytes | None) -> None:
+        """Set a unit's stored state (None deletes it) and queue its changelog record (a tombstone)."""
+        if value is None:
             self.states.pop(key, None)
-            value = None
         else:
-            self.states[key] = state
-            value = state.to_bytes()
+            self.states[key] = value
         while True:
             try:
                 self.producer.produce(self.topic, value, key.encode(), partition=partition, on_delivery=self._delivered)
@@ -241,8 +229,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     async def fold_and_write(messages) -> None:
         started = time.time()
         result = stage1.process(messages)
-        for partition, key, state in result.unit_writes:
-            unit_changelog.write(partition, key, state)
+        for partition, key, stored in result.unit_writes:
+            unit_changelog.write(partition, key, stored)
         for message, letter in result.dead:
             await deadletters.send(
                 # Kafka refuses a record with neither key nor value: an empty value stands for a tombstone.

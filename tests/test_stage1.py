@@ -7,6 +7,7 @@ from streams.codec import Codec, DeadLetterReason, EventKind
 from streams.experiments import ExperimentConfig, start
 from streams.settings import Settings
 from streams.stage1 import Stage1
+from streams.units import UnitState
 
 CODEC = Codec()
 SETTINGS = Settings.from_env({})
@@ -61,7 +62,8 @@ def test_a_poison_event_becomes_a_dead_letter_and_the_unit_keeps_the_rest():
     result = fold.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.OUTCOME, 2), message(EventKind.OUTCOME, 3)])
     [(dead_message, letter)] = result.dead
     assert dead_message.offset == 2 and letter.reason is DeadLetterReason.PROCESSING_ERROR and "boom" in letter.detail
-    [(_, key, state)] = result.unit_writes
+    [(_, key, stored)] = result.unit_writes
+    state = UnitState.from_bytes(stored)
     assert state.variant == "treatment" and state.fates == {"attributed": 1} and state.totals == {"conversion": 1.0}
     [(_, _, partial)] = fold.take_dirty()
     assert partial.stats(CONFIG.primary_metric)["treatment"].successes == 1
@@ -72,7 +74,8 @@ def test_a_huge_finite_score_is_binned_not_a_crash():
     result = fold.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.PREDICTION, 2, score=1e307),
                            message(EventKind.PREDICTION, 3, score=-1e307)])
     assert result.dead == []
-    [(_, _, state)] = result.unit_writes
+    [(_, _, stored)] = result.unit_writes
+    state = UnitState.from_bytes(stored)
     assert sorted(key.split(":")[1] for ns, _, key in state.counters if ns == "score") == ["0", "19"]
 
 
@@ -95,8 +98,8 @@ def shadow(offset: int, **fields) -> Message:
 def test_a_redelivered_message_changes_nothing_however_many_events_came_between():
     fold, units = stage1()
     batch = [message(EventKind.ASSIGNMENT, 1)] + [message(EventKind.PREDICTION, i, latency_ms=float(i)) for i in range(2, 300)]
-    for _, key, state in fold.process(batch).unit_writes:
-        units[key] = state
+    for _, key, stored in fold.process(batch).unit_writes:
+        units[key] = stored
     before = fold.take_dirty()[0][2].to_dict()
     # A hand-over redelivers from the last commit: the same offsets, far more than the id window back.
     result = fold.process(batch[:5])
@@ -107,8 +110,8 @@ def test_a_redelivered_message_changes_nothing_however_many_events_came_between(
 def test_a_re_sent_event_is_a_duplicate_at_another_offset():
     fold, units = stage1()
     first = fold.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.OUTCOME, 2)])
-    for _, key, state in first.unit_writes:
-        units[key] = state
+    for _, key, stored in first.unit_writes:
+        units[key] = stored
     resent = message(EventKind.OUTCOME, 2)
     resent.offset = 9
     assert fold.process([resent]).unit_writes == []
@@ -144,19 +147,17 @@ def test_the_folded_partial_equals_the_sum_of_the_unit_states():
             batch.append(m)
             if rng.random() < 0.1:
                 batch.append(m)  # a redelivery inside the batch
-        for _, key, state in fold.process(batch).unit_writes:
-            units[key] = state
+        for _, key, stored in fold.process(batch).unit_writes:
+            units[key] = stored
     reference = Partial()
-    for state in units.values():
-        reference.add_unit(state, CONFIG.metrics)
+    for stored in units.values():
+        reference.add_unit(UnitState.from_bytes(stored), CONFIG.metrics)
     folded = fold.partials[0]["e"].to_dict()
     expected = reference.to_dict()
     assert folded == expected
 
 
 def test_a_unit_state_survives_its_stored_form():
-    from streams.units import UnitState
-
     state = UnitState()
     state.first_time("a\n1", 5)  # the id hashes may contain any byte, the newline included
     for i in range(100):
@@ -193,8 +194,6 @@ def test_prediction_latencies_reach_the_histogram_once_even_when_a_batch_is_appl
 
 def test_any_unit_state_survives_its_stored_form():
     from hypothesis import given, settings as hsettings, strategies as st
-
-    from streams.units import UnitState
 
     metrics = frozenset({"m", "n"})
     operation = st.one_of(
