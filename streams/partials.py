@@ -95,6 +95,41 @@ class Partial:
             for i, term in enumerate(terms):
                 sums[i] += sign * term
 
+    def move_unit(self, before: UnitState | None, after: UnitState, metrics: Iterable[MetricSpec]) -> None:
+        """Replace one unit's contribution: take ``before`` away (None: a new unit) and add
+        ``after``, counters left to :meth:`add_counters`. What :meth:`add_unit` does twice, in
+        one pass that skips what did not move (most events leave a unit's totals as they
+        were); a moved sum takes the same two float operations in the same order."""
+        if before is None:
+            self.add_unit(after, metrics, counters=False)
+            return
+        self.watermark_ms = max(self.watermark_ms, after.last_ms)
+        if after.exposed_ms is not None:
+            self.first_exposure_ms = min(self.first_exposure_ms or after.exposed_ms, after.exposed_ms)
+        if before.fates != after.fates:
+            fates = self.fates
+            for fate, count in before.fates.items():
+                fates[fate] = fates.get(fate, 0) - count
+            for fate, count in after.fates.items():
+                fates[fate] = fates.get(fate, 0) + count
+        self.inconsistencies += (after.inconsistencies + after.other_variant_predictions()
+                                 - before.inconsistencies - before.other_variant_predictions())
+        # A unit's variant never moves once set: exposed before means exposed to the same one.
+        if after.variant is None or (before.variant is not None and before.totals == after.totals):
+            return
+        arm = self.variants.setdefault(after.variant, VariantPartial())
+        if before.variant is None:
+            arm.units += 1
+        for metric in metrics:
+            terms = contribution(metric, after.totals)
+            sums = arm.sums.setdefault(metric.name, [0.0] * len(terms))
+            if before.variant is None:
+                for i, term in enumerate(terms):
+                    sums[i] += term
+            else:
+                for i, (old, term) in enumerate(zip(contribution(metric, before.totals), terms)):
+                    sums[i] = sums[i] - old + term
+
     def add_counters(self, changes: dict[CounterKey, float], sign: int = 1) -> None:
         mine = self.counters
         for key, value in changes.items():

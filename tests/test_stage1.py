@@ -170,6 +170,19 @@ def test_a_unit_state_survives_its_stored_form():
     assert len(state.recent_ids) == 64 * 8 and not state.first_time("p99", 0) and state.first_time("p1", 0)
 
 
+def test_a_stored_unit_state_that_names_a_callable_is_refused():
+    import pickle
+
+    import pytest
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        UnitState.from_bytes(pickle.dumps(Payload(), protocol=5))
+
+
 def test_prediction_latencies_reach_the_histogram_once_even_when_a_batch_is_applied_twice():
     from prometheus_client import REGISTRY
 
