@@ -33,9 +33,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from aiokafka.structs import ConsumerRecord
 from faust.types.tuples import ack_lock
 
-# The broker answers a fetch when it has this much for it, or after the app's
-# abstream_fetch_wait_s (ABSTREAM_BATCH_WITHIN_S): a batch gathers at most that long.
-FETCH_MIN_BYTES = 1 << 20
+# How long the broker may hold a fetch that finds no new records.
+FETCH_MAX_WAIT_MS = 50
 BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 SCHEME = "abstream"
 
@@ -115,18 +114,14 @@ class BatchConsumer(faust_aiokafka.Consumer):
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
-        # Private attributes of aiokafka, read when the consumer starts. Two reasons:
-        # - Faust asks for fetch_max_wait_ms=1500. aiokafka keeps one fetch in flight per broker
-        #   and leaves out the partitions whose records are still buffered, so while stage 1
-        #   folds a batch it sends a fetch for the quiet partitions only (partials, changelogs),
-        #   which the broker held for up to 1.5 s while the input partitions waited behind it:
-        #   make bench saw 1 s stalls, then 9,000-event batches, and a decision p99 of 3-5 s
-        #   at 10,000 events/s (bench/PROFILE.md).
-        # - With aiokafka's fetch_min_bytes=1 the broker answers as soon as one record is in,
-        #   and a batch's fixed cost (two flushes, an executor hop, acks, metrics: ~1.5 ms) then
-        #   came every 4-20 events: one worker spent ~0.75 of a core on 1,500 events/s.
-        consumer._fetch_max_wait_ms = int(self.app.abstream_fetch_wait_s * 1000)
-        consumer._fetch_min_bytes = FETCH_MIN_BYTES
+        # Faust asks for fetch_max_wait_ms=1500. aiokafka keeps one fetch in flight per broker
+        # and leaves out the partitions whose records are still buffered, so while stage 1
+        # folds a batch it sends a fetch for the quiet partitions only (partials, changelogs),
+        # which the broker may hold for fetch_max_wait_ms while the input partitions wait
+        # behind it. make bench saw 1 s stalls followed by 9,000-event batches, and a decision
+        # p99 of 3-5 s at 10,000 events/s (bench/PROFILE.md). A private attribute of aiokafka,
+        # read when the consumer starts.
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
         return consumer
 
 

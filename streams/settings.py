@@ -49,7 +49,7 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     batch_max_events: int = 10000
-    batch_within_s: float = 0.05
+    batch_within_s: float = 0.2
     decision_interval_s: float = 0.25
     exposure_retention_s: float = 7 * 24 * 3600.0
     model_registry: str = ""

@@ -253,7 +253,6 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     app.topics.add(inputs)
     app.abstream_batch_handler = stage1_batch
     app.abstream_batch_topics = frozenset(input_names)
-    app.abstream_fetch_wait_s = settings.batch_within_s
 
     @app.agent(partials_topic, concurrency=1, name="stage2")
     async def stage2_agent(stream):
