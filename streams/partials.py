@@ -70,30 +70,31 @@ class Partial:
     # Flat, keyed like the unit counters: (namespace, variant or challenger, key).
     counters: dict[CounterKey, float] = field(default_factory=dict)
 
-    def add_unit(self, state: UnitState, metrics: Iterable[MetricSpec], sign: int = 1, *, counters: bool = True) -> None:
-        """Add (sign=1) or take away (sign=-1) one unit's contribution; ``counters=False``
-        leaves the counters to :meth:`add_counters` (the stage-1 fold passes a journal).
-
-        The event-time bounds only grow (a unit's exposure never moves and its last event
-        time only increases), so adding a unit widens them and taking one away leaves them."""
-        if sign > 0:
-            self.watermark_ms = max(self.watermark_ms, state.last_ms)
-            if state.exposed_ms is not None:
-                self.first_exposure_ms = min(self.first_exposure_ms or state.exposed_ms, state.exposed_ms)
+    def add_unit(self, state: UnitState, metrics: Iterable[MetricSpec], *, counters: bool = True) -> None:
+        """Add one unit's contribution; ``counters=False`` leaves the counters to
+        :meth:`add_counters` (the stage-1 fold passes a journal)."""
+        self._widen_bounds(state)
         for fate, count in state.fates.items():
-            self.fates[fate] = self.fates.get(fate, 0) + sign * count
-        self.inconsistencies += sign * (state.inconsistencies + state.other_variant_predictions())
+            self.fates[fate] = self.fates.get(fate, 0) + count
+        self.inconsistencies += state.inconsistencies + state.other_variant_predictions()
         if counters:
-            self.add_counters(state.counters, sign)
+            self.add_counters(state.counters)
         if state.variant is None:
             return
         arm = self.variants.setdefault(state.variant, VariantPartial())
-        arm.units += sign
+        arm.units += 1
         for metric in metrics:
             terms = contribution(metric, state.totals)
             sums = arm.sums.setdefault(metric.name, [0.0] * len(terms))
             for i, term in enumerate(terms):
-                sums[i] += sign * term
+                sums[i] += term
+
+    def _widen_bounds(self, state: UnitState) -> None:
+        # The event-time bounds only grow (a unit's exposure never moves and its last event
+        # time only increases), so a moved unit widens them and never narrows them.
+        self.watermark_ms = max(self.watermark_ms, state.last_ms)
+        if state.exposed_ms is not None:
+            self.first_exposure_ms = min(self.first_exposure_ms or state.exposed_ms, state.exposed_ms)
 
     def move_unit(self, before: UnitState | None, after: UnitState, metrics: Iterable[MetricSpec]) -> None:
         """Replace one unit's contribution: take ``before`` away (None: a new unit) and add
@@ -103,9 +104,7 @@ class Partial:
         if before is None:
             self.add_unit(after, metrics, counters=False)
             return
-        self.watermark_ms = max(self.watermark_ms, after.last_ms)
-        if after.exposed_ms is not None:
-            self.first_exposure_ms = min(self.first_exposure_ms or after.exposed_ms, after.exposed_ms)
+        self._widen_bounds(after)
         if before.fates != after.fates:
             fates = self.fates
             for fate, count in before.fates.items():
@@ -130,10 +129,10 @@ class Partial:
                 for i, (old, term) in enumerate(zip(contribution(metric, before.totals), terms)):
                     sums[i] = sums[i] - old + term
 
-    def add_counters(self, changes: dict[CounterKey, float], sign: int = 1) -> None:
+    def add_counters(self, changes: dict[CounterKey, float]) -> None:
         mine = self.counters
         for key, value in changes.items():
-            mine[key] = mine.get(key, 0) + sign * value
+            mine[key] = mine.get(key, 0) + value
 
     def merge(self, other: "Partial") -> "Partial":
         merged = Partial.from_dict(self.to_dict())
