@@ -10,6 +10,7 @@ reason from a closed set (a metric label) and a one-line detail (a Kafka header)
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -229,7 +230,7 @@ class Codec:
             return DeadLetter(DeadLetterReason.BAD_AVRO, f"{type(exc).__name__}: {exc}"[:200])
         if body.tell() != len(payload):
             return DeadLetter(DeadLetterReason.BAD_AVRO, f"{len(payload) - body.tell()} bytes after the end of the record")
-        problem = validate(kind, record) if isinstance(kind, EventKind) else None
+        problem = validate(kind, record, size=len(payload) - _HEADER.size) if isinstance(kind, EventKind) else None
         if problem is not None:
             return DeadLetter(DeadLetterReason.INVALID_FIELD, problem)
         return record
@@ -248,26 +249,66 @@ _REQUIRED_BY_KIND = {
 }
 
 
-def validate(kind: EventKind, record: dict) -> str | None:
-    """None when the record is valid, else a one-line description of the first problem."""
-    for name in _REQUIRED_IDS + _REQUIRED_BY_KIND[kind]:
+@dataclass(frozen=True)
+class _FieldChecks:
+    """The fields of an event kind that validation reads, by type (from the newest local
+    schema, which every decoded record is resolved to)."""
+
+    required: tuple[str, ...]
+    strings: tuple[str, ...]
+    floats: tuple[str, ...]
+    maps: tuple[str, ...]
+    latencies: tuple[str, ...]
+
+
+def _type_names(declared: Any) -> set[str]:
+    """The Avro type names a field may hold ("string", "double", "map", ...; a union gives several)."""
+    return {t["type"] if isinstance(t, dict) else t for t in (declared if isinstance(declared, list) else [declared])}
+
+
+@functools.cache
+def _field_checks(kind: EventKind) -> _FieldChecks:
+    catalogue = LocalCatalogue()
+    fields = catalogue.writer(catalogue.id_for(kind)).parsed["fields"]
+
+    def typed(*names: str) -> tuple[str, ...]:
+        return tuple(f["name"] for f in fields if _type_names(f["type"]) & set(names))
+
+    return _FieldChecks(_REQUIRED_IDS + _REQUIRED_BY_KIND[kind], typed("string"), typed("double", "float"),
+                        typed("map"), _LATENCY_FIELDS.get(kind, ()))
+
+
+def validate(kind: EventKind, record: dict, *, size: int | None = None) -> str | None:
+    """None when the record is valid, else a one-line description of the first problem.
+
+    ``size`` is the record's encoded size in bytes when known. A string has at least as many
+    UTF-8 bytes as characters, so no string of a record of at most MAX_STRING_CHARS bytes
+    can be too long, and decode skips those checks (events are ~100 bytes; validation was
+    a third of a worker's decoding in py-spy, bench/PROFILE.md).
+    """
+    checks = _field_checks(kind)
+    for name in checks.required:
         if not record[name]:
             return f"{name} is empty"
-    for name, value in record.items():
-        if isinstance(value, str):
-            if len(value) > MAX_STRING_CHARS:
+    lengths = size is None or size > MAX_STRING_CHARS
+    if lengths:
+        for name in checks.strings:
+            value = record.get(name)
+            if value is not None and len(value) > MAX_STRING_CHARS:
                 return f"{name} is longer than {MAX_STRING_CHARS} characters"
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                return f"{name} is {value}"
-        elif isinstance(value, dict):
-            if len(value) > MAX_SEGMENT_ENTRIES:
-                return f"{name} has more than {MAX_SEGMENT_ENTRIES} entries"
-            if any(len(k) > MAX_STRING_CHARS or len(v) > MAX_STRING_CHARS for k, v in value.items()):
-                return f"{name} has a key or value longer than {MAX_STRING_CHARS} characters"
+    for name in checks.floats:
+        value = record.get(name)
+        if value is not None and not math.isfinite(value):
+            return f"{name} is {value}"
+    for name in checks.maps:
+        value = record.get(name) or {}
+        if len(value) > MAX_SEGMENT_ENTRIES:
+            return f"{name} has more than {MAX_SEGMENT_ENTRIES} entries"
+        if lengths and any(len(k) > MAX_STRING_CHARS or len(v) > MAX_STRING_CHARS for k, v in value.items()):
+            return f"{name} has a key or value longer than {MAX_STRING_CHARS} characters"
     if not MIN_EVENT_TIME_MS <= record["event_time"] < MAX_EVENT_TIME_MS:
         return f"event_time {record['event_time']} ms is outside the years 2000-2099"
-    for name in _LATENCY_FIELDS.get(kind, ()):
+    for name in checks.latencies:
         latency = record[name]
         if latency is not None and not 0.0 <= latency <= MAX_LATENCY_MS:
             return f"{name} {latency} is outside [0, {MAX_LATENCY_MS:.0f}]"
