@@ -136,19 +136,23 @@ class Partial:
 
     def merge(self, other: "Partial") -> "Partial":
         merged = Partial.from_dict(self.to_dict())
+        merged._absorb(other)
+        return merged
+
+    def _absorb(self, other: "Partial") -> None:
+        """Add ``other`` into this partial (sharing none of its lists or dicts)."""
         for name, arm in other.variants.items():
-            mine = merged.variants.setdefault(name, VariantPartial())
+            mine = self.variants.setdefault(name, VariantPartial())
             mine.units += arm.units
             for metric, sums in arm.sums.items():
                 mine.sums[metric] = [a + b for a, b in zip(mine.sums.get(metric, [0.0] * len(sums)), sums)]
         for fate, count in other.fates.items():
-            merged.fates[fate] = merged.fates.get(fate, 0) + count
-        merged.inconsistencies += other.inconsistencies
-        merged.add_counters(other.counters)
-        merged.watermark_ms = max(merged.watermark_ms, other.watermark_ms)
+            self.fates[fate] = self.fates.get(fate, 0) + count
+        self.inconsistencies += other.inconsistencies
+        self.add_counters(other.counters)
+        self.watermark_ms = max(self.watermark_ms, other.watermark_ms)
         if other.first_exposure_ms is not None:
-            merged.first_exposure_ms = min(merged.first_exposure_ms or other.first_exposure_ms, other.first_exposure_ms)
-        return merged
+            self.first_exposure_ms = min(self.first_exposure_ms or other.first_exposure_ms, other.first_exposure_ms)
 
     @property
     def runtime_s(self) -> float:
@@ -209,7 +213,9 @@ def _nested(counters: dict[CounterKey, float]) -> dict[str, dict[str, float]]:
 
 
 def merge_all(partials: Iterable[Partial]) -> Partial:
+    # In place: merge() copies its left side, and stage 2 merges every partition's partial on
+    # every look at an experiment.
     total = Partial()
     for p in partials:
-        total = total.merge(p)
+        total._absorb(p)
     return total

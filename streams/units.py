@@ -111,6 +111,18 @@ class UnitState:
             self.counters.copy(), self.offsets.copy(), self.predictions.copy(), None
         return other
 
+    def contribution_copy(self) -> "UnitState":
+        """A copy of what the unit's contribution to its partial depends on (variant, exposure,
+        totals, fates, inconsistencies, predictions, last event time): the "before" of
+        :meth:`Partial.move_unit`. Counters, dedup state and offsets are left out: counters
+        move the partial by the journal, and copying them was most of a full copy's cost."""
+        other = object.__new__(UnitState)
+        other.variant, other.exposed_ms, other.inconsistencies, other.last_ms = \
+            self.variant, self.exposed_ms, self.inconsistencies, self.last_ms
+        other.totals, other.fates, other.predictions = self.totals.copy(), self.fates.copy(), self.predictions.copy()
+        other.awaiting, other.recent_ids, other.counters, other.offsets, other.journal = [], bytearray(), {}, [], None
+        return other
+
     def count(self, key: CounterKey, by: float = 1) -> None:
         counters = self.counters
         counters[key] = counters.get(key, 0) + by
@@ -170,9 +182,8 @@ class UnitState:
         self.count(("shadow", challenger, run["challenger_status"]))
         if run["challenger_status"] != "ok":
             return
-        if run["challenger_latency_ms"] is not None:
-            self.count(("shadow", challenger, "latency_diff_ms"), run["challenger_latency_ms"] - run["champion_latency_ms"])
-            self.count(("shadow", challenger, "latency_compared"))
+        # What the shadow_disagreement guardrail reads; score and latency differences are the
+        # offline report's (shadow_pairs in ClickHouse), not counted per event here.
         champion, challenger_score = run["champion_score"], run["challenger_score"]
         if run["champion_label"] is not None and run["challenger_label"] is not None:
             self.count(("shadow", challenger, "compared"))
@@ -181,9 +192,6 @@ class UnitState:
             self.count(("shadow", challenger, "compared"))
             self.count(("shadow", challenger, "disagree"),
                        int((champion >= SCORE_DECISION_THRESHOLD) != (challenger_score >= SCORE_DECISION_THRESHOLD)))
-            self.count(("shadow", challenger, "abs_score_diff"), abs(challenger_score - champion))
-            self.count(("shadow", challenger, f"champion_bin:{score_bin(champion)}"))
-            self.count(("shadow", challenger, f"challenger_bin:{score_bin(challenger_score)}"))
 
     def outcome(self, metric: str, time_ms: int, value: float, window_ms: int, metrics: frozenset[str]) -> None:
         if self.exposed_ms is None:
