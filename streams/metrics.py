@@ -3,8 +3,10 @@ dead-letter reasons and ClickHouse tables, never units or requests."""
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 import threading
+import time
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import HistogramMetricFamily
@@ -144,6 +146,10 @@ EXPERIMENT_OUTCOMES = Gauge("abstream_experiment_outcomes", "Outcomes of the exp
 EXPERIMENT_INCONSISTENCIES = Gauge(
     "abstream_experiment_assignment_inconsistencies", "Assignments or predictions naming another variant than the unit's.", ["experiment"]
 )
+GC_PAUSE_SECONDS = Histogram(
+    "abstream_gc_pause_seconds", "Pauses of Python's cyclic garbage collector in a worker, by generation.",
+    ["generation"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 _VERDICTS = ("continue", "ship", "stop_harm", "inconclusive")
 
 
@@ -169,3 +175,26 @@ def observe_decision(record: dict, control: str) -> None:
     for fate, count in record["outcome_fates"].items():
         EXPERIMENT_OUTCOMES.labels(experiment, fate).set(count)
     EXPERIMENT_INCONSISTENCIES.labels(experiment).set(record["assignment_inconsistencies"])
+
+
+
+_gc_started = 0.0
+
+
+def _on_gc(phase: str, info: dict) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        GC_PAUSE_SECONDS.labels(_GC_GENERATIONS[info["generation"]]).observe(time.perf_counter() - _gc_started)
+
+
+_GC_GENERATIONS = ("0", "1", "2")
+
+
+def watch_gc_pauses() -> None:
+    """Observe every collection's pause in GC_PAUSE_SECONDS. A full collection stops the event
+    loop for as long as it scans every tracked object: it was the cause of late decisions once
+    (unit states as objects, bench/PROFILE.md), and this is how a deployment sees it again."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
