@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -749,6 +749,7 @@ def batch_histograms(worker: Worker) -> dict:
     out = {}
     series = [(name, {}) for name in ("abstream_batch_seconds", "abstream_batch_delay_seconds", "abstream_batch_events")]
     series += [("abstream_batch_phase_seconds", {"phase": phase}) for phase in ("fold", "changelog_flush", "producer_flush")]
+    series += [("abstream_gc_pause_seconds", {"generation": generation}) for generation in ("0", "1", "2")]
     for name, labels in series:
         count = metric_sum(samples, f"{name}_count", **labels)
         total = metric_sum(samples, f"{name}_sum", **labels)
@@ -780,14 +781,21 @@ def decision_latency(decisions: list[tuple[float, dict]], published: dict[tuple,
     by_experiment: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for ts, d in sorted(decisions, key=lambda x: x[0]):
         by_experiment[d["experiment_id"]].append((ts, sum(d["outcome_fates"].values())))
-    latencies = []
+    latencies, when = [], []
     for tag, t_pub in published.items():
         if tag[0] != "o" or not from_t <= t_pub <= to_t:
             continue
         _, experiment, k = tag
         seen = next((ts for ts, count in by_experiment.get(experiment, []) if count > k and ts >= t_pub - 0.005), None)
         latencies.append(seen - t_pub if seen is not None else math.inf)
+        when.append((t_pub - from_t, experiment))
     out = percentiles(latencies)
+    # When the slowest 1% were published (seconds into the window, and their experiments):
+    # stalls of the whole worker show as a cluster in time, a slow experiment as one name.
+    slowest = sorted(range(len(latencies)), key=latencies.__getitem__)[-max(1, len(latencies) // 100):] if latencies else []
+    out["slowest_1pct"] = {
+        "published_at_s": sorted({round(when[i][0]) for i in slowest}),
+        "experiments": dict(Counter(when[i][1] for i in slowest).most_common(5))}
     out["method"] = (
         "Each experiment's outcomes are ranked in publication order (distinct ones only). The k-th outcome counts "
         "as included in the first decision of its experiment whose outcome_fates total exceeds k (every distinct "
