@@ -177,7 +177,7 @@ def observe_decision(record: dict, control: str) -> None:
     EXPERIMENT_INCONSISTENCIES.labels(experiment).set(record["assignment_inconsistencies"])
 
 
-
+_GC_GENERATIONS = ("0", "1", "2")
 _gc_started = 0.0
 
 
@@ -187,9 +187,6 @@ def _on_gc(phase: str, info: dict) -> None:
         _gc_started = time.perf_counter()
     else:
         GC_PAUSE_SECONDS.labels(_GC_GENERATIONS[info["generation"]]).observe(time.perf_counter() - _gc_started)
-
-
-_GC_GENERATIONS = ("0", "1", "2")
 
 
 def watch_gc_pauses() -> None:

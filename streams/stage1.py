@@ -36,8 +36,8 @@ from streams.topics import INPUT_TOPICS, input_topic_names
 from streams.units import UnitState
 
 KEY_SEPARATOR = "\x1f"
-# Events of experiments in these states are counted and dropped (str values: the config's
-# status is a str enum, and Stage1 takes any config object).
+# Events of experiments in these states are counted and dropped; compared with the status's
+# _value_ (hashing an Enum member is a Python-level call, paid per event).
 _INACTIVE = frozenset({"draft", "stopped"})
 _topic_of, _partition_of, _offset_of = attrgetter("topic"), attrgetter("partition"), attrgetter("offset")
 _one_more = (1).__add__
