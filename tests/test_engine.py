@@ -179,7 +179,20 @@ def run_pipeline(settings, tmp_path, workers: int, events_by_experiment: dict) -
             time.sleep(1)
         time.sleep(2 * settings.decision_interval_s)  # a later decision would not change anything
         decisions = latest_decisions(settings)
-        clickhouse = {e: clickhouse_statistics(worker_settings[0], e) for e in truths}
+
+        def sink_caught_up() -> dict | None:
+            # The sink (a thread of worker 0) may trail stage 1: wait until every published
+            # row is in ClickHouse, then compare the statistics recomputed from them exactly.
+            counts = dict(sql(worker_settings[0], "SELECT 'a', uniqExact(unit_id, event_id) FROM {db}.assignments "
+                                                  "UNION ALL SELECT 'o', uniqExact(unit_id, event_id) FROM {db}.outcomes"))
+            published = {tag: len({(m.record["unit_id"], m.record["event_id"]) for m in messages if m.kind is kind})
+                         for tag, kind in (("a", EventKind.ASSIGNMENT), ("o", EventKind.OUTCOME))}
+            return {e: clickhouse_statistics(worker_settings[0], e) for e in truths} if counts == published else None
+
+        deadline = time.monotonic() + 120
+        while (clickhouse := sink_caught_up()) is None:
+            assert time.monotonic() < deadline, "the sink did not write every assignment and outcome"
+            time.sleep(1)
         served = {e: served_decision(worker_settings, e) for e in truths}
 
         def decisions_landed():
