@@ -267,15 +267,20 @@ def _type_names(declared: Any) -> set[str]:
 
 
 @functools.cache
-def _field_checks(kind: EventKind) -> _FieldChecks:
+def _field_checks() -> dict[EventKind, _FieldChecks]:
+    """Per event kind, once per process (it reads the schema files)."""
     catalogue = LocalCatalogue()
-    fields = catalogue.writer(catalogue.id_for(kind)).parsed["fields"]
 
-    def typed(*names: str) -> tuple[str, ...]:
-        return tuple(f["name"] for f in fields if _type_names(f["type"]) & set(names))
+    def checks(kind: EventKind) -> _FieldChecks:
+        fields = catalogue.writer(catalogue.id_for(kind)).parsed["fields"]
 
-    return _FieldChecks(_REQUIRED_IDS + _REQUIRED_BY_KIND[kind], typed("string"), typed("double", "float"),
-                        typed("map"), _LATENCY_FIELDS.get(kind, ()))
+        def typed(*names: str) -> tuple[str, ...]:
+            return tuple(f["name"] for f in fields if _type_names(f["type"]) & set(names))
+
+        return _FieldChecks(_REQUIRED_IDS + _REQUIRED_BY_KIND[kind], typed("string"), typed("double", "float"),
+                            typed("map"), _LATENCY_FIELDS.get(kind, ()))
+
+    return {kind: checks(kind) for kind in EventKind}
 
 
 def validate(kind: EventKind, record: dict, *, size: int | None = None) -> str | None:
@@ -286,7 +291,7 @@ def validate(kind: EventKind, record: dict, *, size: int | None = None) -> str |
     can be too long, and decode skips those checks (events are ~100 bytes; validation was
     a third of a worker's decoding in py-spy, bench/PROFILE.md).
     """
-    checks = _field_checks(kind)
+    checks = _field_checks()[kind]
     for name in checks.required:
         if not record[name]:
             return f"{name} is empty"

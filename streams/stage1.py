@@ -36,8 +36,8 @@ from streams.topics import INPUT_TOPICS, input_topic_names
 from streams.units import UnitState
 
 KEY_SEPARATOR = "\x1f"
-# Events of experiments in these states are counted and dropped; compared with the status's
-# _value_ (hashing an Enum member is a Python-level call, paid per event).
+# Events of experiments in these states are counted and dropped (str values: the config's
+# status is a str enum, and Stage1 takes any config object).
 _INACTIVE = frozenset({"draft", "stopped"})
 _topic_of, _partition_of, _offset_of = attrgetter("topic"), attrgetter("partition"), attrgetter("offset")
 _one_more = (1).__add__
@@ -147,7 +147,7 @@ class Stage1:
                     config = get_config(experiment_id)
                 if config is None:
                     decoded = DeadLetter(DeadLetterReason.UNKNOWN_EXPERIMENT, f"experiment {experiment_id[:80]!r} is not defined")
-                elif config.status._value_ in _INACTIVE:
+                elif config.status in _INACTIVE:
                     topic, reason = self.short_names[message.topic], f"experiment_{config.status._value_}"
                     result.ignored[reason] = result.ignored.get(reason, 0) + 1
                     metrics.EVENTS_IGNORED.labels(topic, reason).inc()
@@ -216,7 +216,7 @@ class Stage1:
         """The slow path after an event raised: apply the unit's events one at a time from its
         stored state; an event that raises leaves the state as it was before it and becomes a
         dead letter (``processing_error``), so that one poison event cannot stop the worker."""
-        state = UnitState() if stored is None else stored.copy()
+        state = UnitState() if stored is None else stored  # decoded for this call: no copy needed
         changed, journal = False, {}
         for event in events:
             before, state.journal = state.copy(), {}
