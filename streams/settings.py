@@ -54,6 +54,7 @@ class Settings:
     exposure_retention_s: float = 7 * 24 * 3600.0
     model_registry: str = ""
     broker_session_timeout_s: float = 30.0
+    sink_resend_window: int = 20_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -80,6 +81,7 @@ class Settings:
             broker_session_timeout_s=_float(
                 env, "ABSTREAM_BROKER_SESSION_TIMEOUT_S", cls.broker_session_timeout_s
             ),
+            sink_resend_window=_int(env, "ABSTREAM_SINK_RESEND_WINDOW", cls.sink_resend_window),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -98,6 +100,8 @@ class Settings:
             raise SettingsError("ABSTREAM_CLICKHOUSE_DATABASE must be a plain identifier (letters, digits, _)")
         if self.partitions < 1:
             raise SettingsError("ABSTREAM_PARTITIONS must be at least 1")
+        if self.sink_resend_window < 1:
+            raise SettingsError("ABSTREAM_SINK_RESEND_WINDOW must be at least 1 (offsets of an input partition)")
 
     @property
     def embedded_clickhouse(self) -> bool:
@@ -132,6 +136,7 @@ class Settings:
             "ABSTREAM_EXPOSURE_RETENTION_S": str(self.exposure_retention_s),
             "ABSTREAM_MODEL_REGISTRY": self.model_registry,
             "ABSTREAM_BROKER_SESSION_TIMEOUT_S": str(self.broker_session_timeout_s),
+            "ABSTREAM_SINK_RESEND_WINDOW": str(self.sink_resend_window),
         }
         by_key = {key: var for var, key in _KAFKA_PASSTHROUGH.items()}
         env.update({by_key[key]: value for key, value in self.kafka_security.items()})

@@ -75,6 +75,8 @@ def simulate_records(n_events: int, *, n_units: int = 500, seed: int = 0, run_id
 def malformed_payloads(codec: Codec, n: int, *, seed: int = 0) -> list[tuple[EventKind, bytes]]:
     """n payloads that must be dead-lettered, cycling through the ways a message goes bad:
     random bytes, truncated Avro, an unknown schema id, a NaN score, a negative latency."""
+    if n == 0:
+        return []  # (a small template may hold no prediction to spoil)
     rng = random.Random(seed + 1)
     template = simulate_records(50, seed=seed + 2)
     prediction = next(r for k, r in template if k is EventKind.PREDICTION)

@@ -7,14 +7,31 @@ not decode are skipped here: the stage-1 agent dead-letters them. With a ``chdb:
 exactly one process takes this role (chDB locks its directory).
 
 Exactly once, how: consumption is at least once (offsets are committed only after a batch
-is in ClickHouse), and every write is idempotent. Before writing a batch the sink asks the
-table which of the batch's events it already holds — by (unit_id, event_id) for events, by
-(topic, partition, offset) for dead letters — and writes only the rest. A crash between the
-write and the commit replays the batch, and the check drops what already landed; an
-ambiguous failure (the write landed but the answer was lost) is retried the same way.
-This was chosen over ClickHouse's insert deduplication token because a replay after a
-crash need not cut the same batches, and over a ReplacingMergeTree because analysts would
-see duplicates until a merge and have to remember FINAL.
+is in ClickHouse), and every write is idempotent. An event's identity is (unit_id, event_id),
+and each raw row also keeps where it was read (kafka_partition, kafka_offset). The rule: a
+message at offset o is written unless its table holds a row of the same identity read from
+the same partition at an offset in [o - W, o], W = ``ABSTREAM_SINK_RESEND_WINDOW``. At o
+itself, that is a replay (the same message read again after a crash, a hand-over or a failed
+commit); below it, a re-send (a producer sent the event twice; a unit's events share a
+partition). The sink applies the rule from a :class:`PartitionLedger` per input partition,
+the identities and offsets of the rows it holds from W offsets back, rebuilt from the table
+by their coordinates when the sink gains the partition, or after a failed write (which may
+have landed: the answer was lost). Decisions and alerts are identified by their offset alone
+(a ledger with W = 0); dead letters, by the coordinates of the message they stand for,
+checked against the table per batch (they are rare).
+
+Why a ledger: the sink used to ask the table about every event of every batch, at any
+distance. Look-ups of a few thousand random keys read every granule of a table ordered by
+(experiment_id, unit_id, event_time), and the lists of literals alone cost ~60 ms per query
+in chDB: the check was 38% of the sink's time and grew with the table (bench/PROFILE.md). The
+cost of the rule above does not grow with the table, and its answer for a message depends
+only on messages before it, so a replay decides as the first reading did. Its price, in the
+README: a re-send more than W offsets after its first copy is written again (stage 1 counts
+a re-send once if it is among the unit's 64 latest events).
+
+This was chosen over ClickHouse's insert deduplication token because a replay after a crash
+need not cut the same batches, and over a ReplacingMergeTree because analysts would see
+duplicates until a merge and have to remember FINAL.
 """
 from __future__ import annotations
 
@@ -23,9 +40,9 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
@@ -46,6 +63,7 @@ class Sink:
     def __init__(self, settings: Settings, warehouse: Warehouse, codec: Codec, *, batch_max: int = 5000,
                  retry_max_s: float = 5.0):
         self.settings = settings
+        self._ledgers: dict[tuple[str, int], PartitionLedger] = {}
         self.warehouse = warehouse
         self.codec = codec
         self.batch_max = batch_max
@@ -77,7 +95,10 @@ class Sink:
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
         }))
-        consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, *self._control])
+        # A partition handed to another sink may get rows from it: its ledger is rebuilt if it comes back.
+        consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, *self._control],
+                           on_revoke=lambda _, partitions: self._forget(partitions),
+                           on_lost=lambda _, partitions: self._forget(partitions))
         try:
             self._consume(consumer)
         except Exception as exc:  # the sink must not vanish silently: /health turns to failing
@@ -139,10 +160,9 @@ class Sink:
     def write(self, messages: Sequence[Message]) -> None:
         """Write what the warehouse does not hold yet of a batch (idempotent)."""
         started = time.perf_counter()
-        events: dict[EventKind, dict[tuple[str, str], dict]] = defaultdict(dict)
-        valid: dict[EventKind, int] = defaultdict(int)
+        events: dict[str, list[tuple[int, int, dict]]] = defaultdict(list)
         dead: dict[tuple[str, int], dict[int, tuple]] = defaultdict(dict)
-        control: dict[tuple[str, int], dict[int, tuple]] = defaultdict(dict)
+        control: dict[str, list[tuple[int, int, tuple]]] = defaultdict(list)
         for message in messages:
             topic = message.topic()
             if topic == self._deadletter_topic:
@@ -154,37 +174,87 @@ class Sink:
                 if isinstance(decoded, DeadLetter):
                     log.warning("skipping an undecodable %s at offset %d: %s", kind.value, message.offset(), decoded.detail)
                 else:
-                    control[(topic, message.partition())][message.offset()] = _control_row(
-                        decoded, message.partition(), message.offset(), columns)
+                    control[topic].append((message.partition(), message.offset(),
+                                           _control_row(decoded, message.partition(), message.offset(), columns)))
             else:
-                kind = self._kinds[topic]
-                decoded = self.codec.decode(kind, message.value())
+                decoded = self.codec.decode(self._kinds[topic], message.value())
                 if not isinstance(decoded, DeadLetter):
-                    events[kind].setdefault((decoded["unit_id"], decoded["event_id"]), decoded)
-                    valid[kind] += 1
+                    events[topic].append((message.partition(), message.offset(), decoded))
         written = 0
-        for kind, by_key in events.items():
-            fresh = self._write_events(kind, by_key)
-            metrics.SINK_DUPLICATES.labels(RAW_TABLES[kind]).inc(valid[kind] - fresh)
-            written += fresh
+        for topic, items in events.items():
+            written += self._write_events(topic, items)
         for (topic, partition), rows in dead.items():
             written += self._write_new(DEADLETTER_TABLE, {"topic": topic, "partition": partition}, "offset",
                                        rows, DEADLETTER_COLUMNS)
-        for (topic, partition), rows in control.items():
-            _, table, columns = self._control[topic]
-            written += self._write_new(table, {"kafka_partition": partition}, "kafka_offset", rows, columns)
+        for topic, items in control.items():
+            written += self._write_control(topic, items)
         metrics.SINK_BATCH_ROWS.observe(written)
         metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started)
 
-    def _write_events(self, kind: EventKind, by_key: dict[tuple[str, str], dict]) -> int:
+    def _write_events(self, topic: str, items: list[tuple[int, int, dict]]) -> int:
+        """Write the events (partition, offset, record) of one input topic that the table does
+        not hold; returns how many."""
+        kind = self._kinds[topic]
         table = RAW_TABLES[kind]
-        held = self.warehouse.existing_event_ids(table, (k[0] for k in by_key), (k[1] for k in by_key))
-        fresh = [record for key, record in by_key.items() if key not in held]
+        ledgers = self._ledgers_for(topic, table, items, self.settings.sink_resend_window)
+        fresh = [(partition, offset, record) for partition, offset, record in items
+                 if ledgers[partition].admit(hash((record["unit_id"], record["event_id"])), offset)]
         if fresh:
             columns = self._columns[kind]
-            self.warehouse.insert(table, columns, [[r[c] for r in fresh] for c in columns])
+            data = [[r[c] for _, _, r in fresh] for c in columns]
+            data += [[p for p, _, _ in fresh], [o for _, o, _ in fresh]]
+            self._insert(topic, ledgers, table, (*columns, "kafka_partition", "kafka_offset"), data)
             metrics.SINK_ROWS.labels(table).inc(len(fresh))
+        metrics.SINK_DUPLICATES.labels(table).inc(len(items) - len(fresh))
         return len(fresh)
+
+    def _write_control(self, topic: str, items: list[tuple[int, int, tuple]]) -> int:
+        """Write the decisions or alerts (partition, offset, row) the table does not hold yet."""
+        _, table, columns = self._control[topic]
+        ledgers = self._ledgers_for(topic, table, items, 0)
+        fresh = [row for partition, offset, row in items if ledgers[partition].admit(offset, offset)]
+        if fresh:
+            self._insert(topic, ledgers, table, columns, list(map(list, zip(*fresh))))
+            metrics.SINK_ROWS.labels(table).inc(len(fresh))
+        metrics.SINK_DUPLICATES.labels(table).inc(len(items) - len(fresh))
+        return len(fresh)
+
+    def _insert(self, topic: str, ledgers: dict[int, "PartitionLedger"], table: str, columns: Sequence[str],
+                data: list[list]) -> None:
+        try:
+            self.warehouse.insert(table, columns, data)
+        except WarehouseError:
+            # The ledgers admitted rows that may not have landed, or may have (the answer was
+            # lost): they are rebuilt from what the table holds before the batch is tried again.
+            self._forget([TopicPartition(topic, p) for p in ledgers])
+            raise
+        for ledger in ledgers.values():
+            ledger.close_batch()
+
+    def _ledgers_for(self, topic: str, table: str, items: list[tuple[int, int, object]],
+                     window: int) -> dict[int, "PartitionLedger"]:
+        """The ledgers of the partitions in a batch, each holding at least the rows a window
+        back from the batch's first offset: rebuilt from the table where missing or short."""
+        first: dict[int, int] = {}
+        for partition, offset, _ in items:
+            if offset < first.get(partition, offset + 1):
+                first[partition] = offset
+        # Identities as the table holds them: (unit_id, event_id) of an event; a decision's or
+        # an alert's own offset.
+        columns = ("kafka_offset", "unit_id", "event_id") if window else ("kafka_offset",)
+        for partition, offset in first.items():
+            floor = max(0, offset - window)
+            ledger = self._ledgers.get((topic, partition))
+            if ledger is None or ledger.floor > floor:
+                rows = self.warehouse.rows_since(table, partition, floor, columns)
+                held = ((hash((row[1], row[2])) if window else row[0], row[0]) for row in rows)
+                self._ledgers[(topic, partition)] = PartitionLedger(floor, held, window)
+        return {p: self._ledgers[(topic, p)] for p in first}
+
+    def _forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop the ledgers of these partitions (revoked, lost, or after a failed write)."""
+        for tp in partitions:
+            self._ledgers.pop((tp.topic, tp.partition), None)
 
     def _write_new(self, table: str, where: dict, offset_column: str, rows: dict[int, tuple],
                    columns: Sequence[str]) -> int:
@@ -196,6 +266,80 @@ class Sink:
             self.warehouse.insert(table, columns, list(map(list, zip(*fresh))))
             metrics.SINK_ROWS.labels(table).inc(len(fresh))
         return len(fresh)
+
+
+class PartitionLedger:
+    """The rows the table holds of one input partition from offset ``floor`` on, as the
+    exactly-once check needs them: each row's identity and offset.
+
+    The rule, the same live and after a restart: a message at offset o is written unless the
+    table holds a row of the same identity read at an offset in [o - window, o] (o itself: a
+    replay; below it: a re-send). Rows read more than ``window`` offsets back are forgotten
+    a whole batch at a time, so that every row at or above ``floor`` stays held. The decision
+    for a message depends only on rows of lower offsets, which were judged before it by the
+    same rule: a replay, however its batches are cut, decides exactly as the first reading.
+
+    Identities of events are Python's 64-bit hashes of (unit_id, event_id), salted per
+    process (a ledger is rebuilt, never stored); two distinct events collide with probability
+    ~window/2^64 per event, the order of stage 1's hashed dedup window. Decisions and alerts
+    use their own offset as identity, with a window of 0.
+    """
+
+    def __init__(self, floor: int, held: Iterable[tuple[int, int]], window: int):
+        self.floor = floor
+        self.window = window
+        self._at: dict[int, int | list[int]] = {}  # identity -> offset(s) of its rows
+        self._batches: deque[tuple[int, list[int], list[int]]] = deque()  # (last offset, identities, offsets)
+        self._batch: tuple[list[int], list[int]] = ([], [])
+        self._last = floor - 1
+        for identity, offset in held:
+            self._add(identity, offset)
+        self._seal()  # not forgotten yet: the batch being judged may replay any of them
+
+    def admit(self, identity: int, offset: int) -> bool:
+        """True if the message is to be written (and the ledger now holds it)."""
+        at = self._at.get(identity)
+        if at is not None:
+            low = offset - self.window
+            if any(low <= a <= offset for a in (at if type(at) is list else (at,))):
+                return False
+        self._add(identity, offset)
+        return True
+
+    def close_batch(self) -> None:
+        """Seal the rows admitted since the last call (they are in the table now) and forget
+        the batches that no later message can need."""
+        self._seal()
+        # The next message comes after _last and needs the rows from _last + 1 - window on.
+        while self._batches and self._batches[0][0] <= self._last - self.window:
+            last, identities, offsets = self._batches.popleft()
+            for identity, offset in zip(identities, offsets):
+                self._remove(identity, offset)
+            self.floor = max(self.floor, last + 1)
+
+    def _seal(self) -> None:
+        self._batches.append((self._last, *self._batch))
+        self._batch = ([], [])
+
+    def __len__(self) -> int:
+        return sum(len(offsets) for _, _, offsets in self._batches) + len(self._batch[1])
+
+    def _add(self, identity: int, offset: int) -> None:
+        at = self._at.get(identity)
+        # A second row of one identity (a re-send beyond the window) is rare: a list only then.
+        self._at[identity] = offset if at is None else [*(at if type(at) is list else (at,)), offset]
+        self._batch[0].append(identity)
+        self._batch[1].append(offset)
+        self._last = max(self._last, offset)
+
+    def _remove(self, identity: int, offset: int) -> None:
+        at = self._at[identity]
+        if type(at) is list:
+            at.remove(offset)
+            if len(at) == 1:
+                self._at[identity] = at[0]
+        else:
+            del self._at[identity]
 
 
 def _deadletter_row(message: Message) -> tuple:

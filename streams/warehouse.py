@@ -119,14 +119,13 @@ class Warehouse:
                 raise WarehouseError(f"query failed: {_one_line(exc)}") from None
         return QueryResult(tuple(result.column_names), list(result.result_rows))
 
-    def existing_event_ids(self, table: str, unit_ids: Iterable[str], event_ids: Iterable[str]) -> set[tuple[str, str]]:
-        """(unit_id, event_id) pairs among these that the table already holds (an event's identity)."""
-        rows = self.query(
-            "SELECT DISTINCT unit_id, event_id FROM {db}." + table
-            + " WHERE unit_id IN %(units)s AND event_id IN %(events)s",
-            {"units": sorted(set(unit_ids)), "events": sorted(set(event_ids))},
+    def rows_since(self, table: str, partition: int, offset: int, columns: Sequence[str]) -> list[tuple]:
+        """These columns of the rows read from this Kafka partition at or after this offset."""
+        return self.query(
+            f"SELECT {', '.join(columns)} FROM {{db}}.{table}"
+            " WHERE kafka_partition = %(partition)s AND kafka_offset >= %(offset)s",
+            {"partition": partition, "offset": offset},
         ).rows
-        return set(rows)
 
     def existing_offsets(self, table: str, where: Mapping[str, Any], offset_column: str,
                          offsets: Iterable[int]) -> set[int]:

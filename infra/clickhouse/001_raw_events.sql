@@ -1,7 +1,10 @@
--- Raw events, one table per event kind, columns named as the Avro fields.
+-- Raw events, one table per event kind, columns named as the Avro fields, then where the
+-- sink read the event.
 -- Applied idempotently at sink start; {db} is the database from ABSTREAM_CLICKHOUSE_DATABASE.
 -- Order keys put the experiment first: analysts filter by experiment, then unit, then time.
--- The bloom filter on event_id serves the sink's exactly-once check (see streams/sink.py).
+-- (kafka_partition, kafka_offset) is the input topic's partition and offset: the sink's
+-- exactly-once ledger is rebuilt from them after a restart (see streams/sink.py); -1 in rows
+-- written by versions that did not keep them.
 
 CREATE DATABASE IF NOT EXISTS {db};
 
@@ -14,7 +17,8 @@ CREATE TABLE IF NOT EXISTS {db}.assignments
     variant LowCardinality(String),
     allocation_version Int64,
     segment Map(LowCardinality(String), String),
-    INDEX event_id_bloom event_id TYPE bloom_filter GRANULARITY 4
+    kafka_partition Int32 DEFAULT -1,
+    kafka_offset Int64 DEFAULT -1
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
@@ -37,7 +41,8 @@ CREATE TABLE IF NOT EXISTS {db}.predictions
     label Nullable(String),
     latency_ms Float64,
     status LowCardinality(String),
-    INDEX event_id_bloom event_id TYPE bloom_filter GRANULARITY 4
+    kafka_partition Int32 DEFAULT -1,
+    kafka_offset Int64 DEFAULT -1
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
@@ -61,7 +66,8 @@ CREATE TABLE IF NOT EXISTS {db}.shadow
     champion_latency_ms Float64,
     challenger_latency_ms Nullable(Float64),
     challenger_status LowCardinality(String),
-    INDEX event_id_bloom event_id TYPE bloom_filter GRANULARITY 4
+    kafka_partition Int32 DEFAULT -1,
+    kafka_offset Int64 DEFAULT -1
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
@@ -76,11 +82,22 @@ CREATE TABLE IF NOT EXISTS {db}.outcomes
     metric LowCardinality(String),
     value Float64,
     request_id Nullable(String),
-    INDEX event_id_bloom event_id TYPE bloom_filter GRANULARITY 4
+    kafka_partition Int32 DEFAULT -1,
+    kafka_offset Int64 DEFAULT -1
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (experiment_id, unit_id, event_time);
+
+-- Tables made before the sink kept Kafka coordinates get them (and keep working).
+ALTER TABLE {db}.assignments ADD COLUMN IF NOT EXISTS kafka_partition Int32 DEFAULT -1;
+ALTER TABLE {db}.assignments ADD COLUMN IF NOT EXISTS kafka_offset Int64 DEFAULT -1 AFTER kafka_partition;
+ALTER TABLE {db}.predictions ADD COLUMN IF NOT EXISTS kafka_partition Int32 DEFAULT -1;
+ALTER TABLE {db}.predictions ADD COLUMN IF NOT EXISTS kafka_offset Int64 DEFAULT -1 AFTER kafka_partition;
+ALTER TABLE {db}.shadow ADD COLUMN IF NOT EXISTS kafka_partition Int32 DEFAULT -1;
+ALTER TABLE {db}.shadow ADD COLUMN IF NOT EXISTS kafka_offset Int64 DEFAULT -1 AFTER kafka_partition;
+ALTER TABLE {db}.outcomes ADD COLUMN IF NOT EXISTS kafka_partition Int32 DEFAULT -1;
+ALTER TABLE {db}.outcomes ADD COLUMN IF NOT EXISTS kafka_offset Int64 DEFAULT -1 AFTER kafka_partition;
 
 -- Every message that could not be decoded or validated, with its original bytes.
 -- (topic, partition, offset) identifies it; the sink never writes one twice.
