@@ -242,13 +242,15 @@ class Sink:
         # Identities as the table holds them: (unit_id, event_id) of an event; a decision's or
         # an alert's own offset.
         columns = ("kafka_offset", "unit_id", "event_id") if window else ("kafka_offset",)
-        for partition, offset in first.items():
-            floor = max(0, offset - window)
-            ledger = self._ledgers.get((topic, partition))
-            if ledger is None or ledger.floor > floor:
-                rows = self.warehouse.rows_since(table, partition, floor, columns)
-                held = ((hash((row[1], row[2])) if window else row[0], row[0]) for row in rows)
-                self._ledgers[(topic, partition)] = PartitionLedger(floor, held, window)
+        floors = {p: max(0, offset - window) for p, offset in first.items()}
+        short = {p: floor for p, floor in floors.items()
+                 if (topic, p) not in self._ledgers or self._ledgers[(topic, p)].floor > floor}
+        if short:
+            held: dict[int, list[tuple[int, int]]] = {p: [] for p in short}
+            for partition, offset, *identity in self.warehouse.rows_since(table, short, columns):
+                held[partition].append((hash(tuple(identity)) if window else offset, offset))
+            for partition, floor in short.items():
+                self._ledgers[(topic, partition)] = PartitionLedger(floor, held[partition], window)
         return {p: self._ledgers[(topic, p)] for p in first}
 
     def _forget(self, partitions: Iterable[TopicPartition]) -> None:

@@ -119,13 +119,11 @@ class Warehouse:
                 raise WarehouseError(f"query failed: {_one_line(exc)}") from None
         return QueryResult(tuple(result.column_names), list(result.result_rows))
 
-    def rows_since(self, table: str, partition: int, offset: int, columns: Sequence[str]) -> list[tuple]:
-        """These columns of the rows read from this Kafka partition at or after this offset."""
-        return self.query(
-            f"SELECT {', '.join(columns)} FROM {{db}}.{table}"
-            " WHERE kafka_partition = %(partition)s AND kafka_offset >= %(offset)s",
-            {"partition": partition, "offset": offset},
-        ).rows
+    def rows_since(self, table: str, floors: Mapping[int, int], columns: Sequence[str]) -> list[tuple]:
+        """(kafka_partition, *columns) of the rows read from these Kafka partitions at or after
+        each one's floor offset: one pass over the table's coordinates for all of them."""
+        conditions = " OR ".join(f"(kafka_partition = {int(p)} AND kafka_offset >= {int(o)})" for p, o in floors.items())
+        return self.query(f"SELECT kafka_partition, {', '.join(columns)} FROM {{db}}.{table} WHERE {conditions}").rows
 
     def existing_offsets(self, table: str, where: Mapping[str, Any], offset_column: str,
                          offsets: Iterable[int]) -> set[int]:
