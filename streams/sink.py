@@ -64,6 +64,7 @@ class Sink:
                  retry_max_s: float = 5.0):
         self.settings = settings
         self._ledgers: dict[tuple[str, int], PartitionLedger] = {}
+        self._uncommitted: dict[tuple[str, int], int] = {}  # offsets written, not committed yet
         self.warehouse = warehouse
         self.codec = codec
         self.batch_max = batch_max
@@ -88,17 +89,9 @@ class Sink:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def run(self) -> None:
-        consumer = Consumer(self.settings.kafka_config(**{
-            "group.id": f"{self.settings.topic_prefix}sink",
-            "enable.auto.commit": "false",
-            "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
-        }))
-        # A partition handed to another sink may get rows from it: its ledger is rebuilt if it comes back.
-        consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, *self._control],
-                           on_revoke=lambda _, partitions: self._forget(partitions),
-                           on_lost=lambda _, partitions: self._forget(partitions))
+    def run(self, consumer: Consumer | None = None) -> None:
+        """Consume and write until stopped; ``consumer``: one made by :meth:`subscribed_consumer`."""
+        consumer = consumer or self.subscribed_consumer()
         try:
             self._consume(consumer)
         except Exception as exc:  # the sink must not vanish silently: /health turns to failing
@@ -107,6 +100,18 @@ class Sink:
             log.exception("the ClickHouse sink stopped")
         finally:
             consumer.close()
+
+    def subscribed_consumer(self) -> Consumer:
+        consumer = Consumer(self.settings.kafka_config(**{
+            "group.id": f"{self.settings.topic_prefix}sink",
+            "enable.auto.commit": "false",
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+        }))
+        consumer.subscribe(sorted(self._kinds) + [self._deadletter_topic, *self._control],
+                           on_revoke=lambda c, partitions: self._hand_over(c, partitions, revoked=True),
+                           on_lost=lambda c, partitions: self._hand_over(c, partitions, revoked=False))
+        return consumer
 
     def _consume(self, consumer: Consumer) -> None:
         lag_measured = 0.0
@@ -121,17 +126,30 @@ class Sink:
                 lag_measured = time.monotonic()
             if not messages:
                 metrics.SINK_LAG_SECONDS.set(0)
+                self._commit(consumer)
                 continue
             if not self._write_until_done(messages):
                 return  # stopping: the batch is not committed and will be read again
-            try:
-                consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
-            except KafkaException as exc:
-                # The broker is away: the next commit covers this batch, and a replay of it
-                # writes nothing twice.
-                log.warning("sink commit failed, going on: %s", exc.args[0].str())
+            for tp in _next_offsets(messages):
+                self._uncommitted[(tp.topic, tp.partition)] = tp.offset
+            self._commit(consumer)
             oldest_ms = min(m.timestamp()[1] for m in messages)
             metrics.SINK_LAG_SECONDS.set(max(0.0, time.time() - oldest_ms / 1000))
+
+    def _commit(self, consumer: Consumer) -> None:
+        """Commit the offsets written and not committed yet. A failed commit (the broker or
+        its group coordinator is away) is tried again after the next batch or idle poll:
+        "the next batch's commit covers it" is not enough when the stream has ended, and the
+        group would show the written batches as lag for ever. A replay meanwhile writes
+        nothing twice."""
+        if not self._uncommitted:
+            return
+        try:
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()],
+                            asynchronous=False)
+            self._uncommitted.clear()
+        except KafkaException as exc:
+            log.warning("sink commit failed, trying again: %s", exc.args[0].str())
 
     def _usable(self, message: Message) -> bool:
         if message.error() is not None:
@@ -257,6 +275,21 @@ class Sink:
         """Drop the ledgers of these partitions (revoked, lost, or after a failed write)."""
         for tp in partitions:
             self._ledgers.pop((tp.topic, tp.partition), None)
+
+    def _hand_over(self, consumer: Consumer, partitions: list[TopicPartition], *, revoked: bool) -> None:
+        """Partitions revoked or lost: their ledgers go (another sink may write them now), and
+        so do their uncommitted offsets, committed first if still possible (a lost partition's
+        new owner reads them again and writes nothing twice)."""
+        mine = {(tp.topic, tp.partition) for tp in partitions}
+        handed = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items() if (t, p) in mine]
+        if revoked and handed:
+            try:
+                consumer.commit(offsets=handed, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("sink commit at hand-over failed: %s", exc.args[0].str())
+        self._forget(partitions)
+        for key in mine:
+            self._uncommitted.pop(key, None)
 
     def _write_new(self, table: str, where: dict, offset_column: str, rows: dict[int, tuple],
                    columns: Sequence[str]) -> int:

@@ -2,17 +2,19 @@
 replaying batches the way a crash, a restart, a long outage and an ambiguous write do."""
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import replace
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from streams.codec import Codec, EventKind
 from streams.simulate import publish, simulated_messages
 from streams.sink import PartitionLedger, Sink
 from streams.topics import ensure_topics, input_topic_names
 from streams.warehouse import RAW_TABLES, Warehouse, WarehouseError
+from tests.support import group_lag, wait_until
 
 # --- the ledger alone ----------------------------------------------------------------------
 
@@ -183,4 +185,45 @@ def test_a_failed_write_is_retried_without_a_duplicate_or_a_loss(settings, publi
         sink.write(messages[500:1000])
     sink.write(messages[500:1000])  # what _write_until_done does next
     sink.write(messages[1000:])
+    exactly_once(warehouse, distinct)
+
+
+class CommitsFailWhile:
+    """The sink's real consumer, whose commits fail (as while the group coordinator is away)
+    until ``failing`` says otherwise."""
+
+    def __init__(self, consumer: Consumer, failing):
+        self._consumer = consumer
+        self._failing = failing
+        self.failed = 0
+
+    def commit(self, *args, **kwargs):
+        if self._failing():
+            self.failed += 1
+            raise KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE))
+        return self._consumer.commit(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._consumer, name)
+
+
+@pytest.mark.kafka
+def test_offsets_whose_commit_failed_are_committed_once_the_stream_has_ended(settings, published):
+    # Every commit fails until the whole stream is written, the first one at least; no message
+    # comes after it. The sink must still commit, or its group shows the stream as lag for ever.
+    messages, distinct = published
+    warehouse = Warehouse(settings.clickhouse_dsn, settings.clickhouse_database)
+    warehouse.apply_schema()
+    sink = new_sink(settings, warehouse)
+    rows = lambda: sum(n for n, _ in table_counts(warehouse).values())  # noqa: E731
+    consumer = CommitsFailWhile(sink.subscribed_consumer(), lambda: not consumer.failed or rows() < sum(distinct.values()))
+    thread = threading.Thread(target=sink.run, args=(consumer,), daemon=True)
+    thread.start()
+    try:
+        inputs = sorted(input_topic_names(settings))
+        wait_until(lambda: not any(group_lag(settings, f"{settings.topic_prefix}sink", inputs).values()), 60,
+                   "the sink's group to have committed the whole stream")
+    finally:
+        sink.stop()
+    assert consumer.failed > 0 and sink.failure is None
     exactly_once(warehouse, distinct)
