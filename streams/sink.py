@@ -216,7 +216,7 @@ class Sink:
         table = RAW_TABLES[kind]
         ledgers = self._ledgers_for(topic, table, items, self.settings.sink_resend_window)
         fresh = [(partition, offset, record) for partition, offset, record in items
-                 if ledgers[partition].admit(hash((record["unit_id"], record["event_id"])), offset)]
+                 if ledgers[partition].admit(_identity(record["unit_id"], record["event_id"]), offset)]
         if fresh:
             columns = self._columns[kind]
             data = [[r[c] for _, _, r in fresh] for c in columns]
@@ -265,8 +265,8 @@ class Sink:
                  if (topic, p) not in self._ledgers or self._ledgers[(topic, p)].floor > floor}
         if short:
             held: dict[int, list[tuple[int, int]]] = {p: [] for p in short}
-            for partition, offset, *identity in self.warehouse.rows_since(table, short, columns):
-                held[partition].append((hash(tuple(identity)) if window else offset, offset))
+            for partition, offset, *event in self.warehouse.rows_since(table, short, columns):
+                held[partition].append((_identity(*event) if window else offset, offset))
             for partition, floor in short.items():
                 self._ledgers[(topic, partition)] = PartitionLedger(floor, held[partition], window)
         return {p: self._ledgers[(topic, p)] for p in first}
@@ -301,6 +301,11 @@ class Sink:
             self.warehouse.insert(table, columns, list(map(list, zip(*fresh))))
             metrics.SINK_ROWS.labels(table).inc(len(fresh))
         return len(fresh)
+
+
+def _identity(unit_id: str, event_id: str) -> int:
+    """An event's identity in a ledger (see PartitionLedger)."""
+    return hash((unit_id, event_id))
 
 
 class PartitionLedger:
