@@ -38,7 +38,7 @@ from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
 from streams.sink import Sink, sink_endpoint_file, sql_answer
-from streams.stage1 import Stage1, expired
+from streams.stage1 import Stage1, expired, split_unit_key
 from streams.stage2 import ControlState, control, decision_record, evaluate, merged_partial, with_partial
 from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, deadletter_headers,
                             input_topic_names, make_producer)
@@ -206,6 +206,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
     last_published = 0.0
+    settled_generation: int | None = None
+    partials_name = partials_topic.get_topic_name()
     # Held from a batch's fold until its writes are in Kafka: the timer must not publish
     # partials that include unit states not yet written.
     batch_in_flight = asyncio.Lock()
@@ -279,16 +281,51 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             # Decide now what is due rather than at the next tick (the tick comes late under load).
             await evaluate_due()
 
+    def owned_experiment_partitions() -> set[int] | None:
+        """The stage-2 table partitions this worker owns now; None while a rebalance is under
+        way (from the revoke until the tables are recovered), when it owns none for sure."""
+        if app.rebalancing or not app.tables.recovery.completed.is_set():
+            return None
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == partials_name}
+
+    def settle_ownership() -> None:
+        """After a rebalance: adopt the input partitions assigned here and let go of the state
+        of partitions that went to another worker.
+
+        Memory tables are not emptied on revoke (Faust drops only the keys its recovery wrote,
+        not the ones written here). A worker that kept a lost experiment's state and its pending
+        change evaluated it once more after the hand-over and published a decision from partials
+        older than the new owner's: the newest decision went back in time (a flaky
+        test_one_and_two_workers_give_identical_decisions). Only owners evaluate
+        (owned_experiment_partitions); this makes sure no stale state is left to read.
+        """
+        nonlocal settled_generation
+        owned = owned_experiment_partitions()
+        if owned is None:
+            return
+        assignment = app.consumer.assignment()
+        inputs_owned = {tp.partition for tp in assignment if tp.topic in input_names}
+        for partition in inputs_owned:
+            stage1.adopt(partition)
+        if settled_generation == app.consumer_generation_id:
+            return
+        settled_generation = app.consumer_generation_id
+        # A partition assigned here again later is recovered from the start of its changelog
+        # (Faust forgets its offset on revoke), so nothing dropped here is needed then.
+        for key in [k for k in unit_states if split_unit_key(k)[0] not in inputs_owned]:
+            del unit_states[key]
+        stage2_states = experiment_partials.data.data
+        for experiment_id in [e for e, s in stage2_states.items() if s.get("partition") not in owned]:
+            del stage2_states[experiment_id]
+            latest_decisions.pop(experiment_id, None)
+            changed_experiments.discard(experiment_id)
+
     @app.timer(interval=min(settings.decision_interval_s, PARTIALS_GAP_S))
     async def cadence():
         # Decisions on change: a changed experiment is evaluated as soon as its last decision
         # is decision_interval_s old (the issue-10 latency target is p99 <= 1 s end to end);
         # stage 2 evaluates on arrival, this tick catches what became due in between.
-        if not app.rebalancing and app.tables.recovery.completed.is_set():
-            # Only once the unit table is recovered: partials rebuilt earlier would miss units.
-            for tp in app.consumer.assignment():
-                if tp.topic in input_names:
-                    stage1.adopt(tp.partition)
+        settle_ownership()
         if not batch_in_flight.locked():  # else the batch in flight publishes when its writes are in
             async with batch_in_flight:
                 await publish_partials_when_due()  # partitions without new batches (adopted ones)
@@ -298,8 +335,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     async def evaluate_due() -> None:
         """Evaluate each changed experiment whose last decision is decision_interval_s old.
         Called by stage 2 when partials arrive and by the timer for what became due since."""
-        if evaluating.locked():
-            return  # the pass running now, or the next tick, takes what is left
+        owned = owned_experiment_partitions()
+        if evaluating.locked() or owned is None:
+            return  # the pass running now, or the next tick after the rebalance, takes what is left
         async with evaluating:
             now = time.monotonic()
             for experiment_id in sorted(changed_experiments):
@@ -309,7 +347,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 changed_experiments.discard(experiment_id)
                 config = experiments.get(experiment_id)
                 stored = experiment_partials.data.get(experiment_id)
-                if config is None or stored is None:
+                if config is None or stored is None or stored["partition"] not in owned:
                     continue
                 try:
                     await evaluate_experiment(config, stored)
@@ -394,7 +432,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         # Served by the worker that evaluates the experiment; `abstream status` reads the
         # decisions topic and works from anywhere.
         record = latest_decisions.get(experiment_id)
-        if record is None:
+        stored = experiment_partials.data.get(experiment_id)
+        if record is None or stored is None or stored["partition"] not in (owned_experiment_partitions() or ()):
             return web.json({"error": "this worker has no decision for that experiment"}, status=404)
         return web.json(record)
 

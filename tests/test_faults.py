@@ -24,6 +24,8 @@ import struct
 import threading
 import time
 import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -431,6 +433,66 @@ def test_second_worker_joins_then_leaves_cleanly(cluster):
     # README's guarantees say; the count is reported, not hidden.
     report("join-then-leave", started, joined_at=joined_at, left_at=left_at, of=len(messages),
            repeated_dead_letters=result["letters"] - len(expected.dead), **result)
+
+
+# --- 3b. the stage-2 hand-over: only an experiment's owner decides and serves it ---------
+
+def experiments_on_every_partition(partitions: int) -> list[str]:
+    """Experiment ids whose partials (keyed by experiment id, murmur2 like Faust's producer)
+    fall on every partition, so that a joining worker takes some of them over."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    partitioner, every = DefaultPartitioner(), list(range(partitions))
+    chosen: dict[int, str] = {}
+    for i in range(1000):
+        chosen.setdefault(partitioner(f"handover-{i}".encode(), every, every), f"handover-{i}")
+    assert len(chosen) == partitions
+    return [chosen[p] for p in every]
+
+
+def served(settings: Settings, experiment_id: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://{settings.web_host}:{settings.web_port}/experiments/"
+                                    f"{urllib.parse.quote(experiment_id)}", timeout=5) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError:
+        return None
+
+
+def test_a_worker_that_lost_an_experiment_neither_serves_nor_decides_it(cluster):
+    """A worker keeps no state of, and publishes no decision for, an experiment whose stage-2
+    partition went to another worker (it once did: its newest decision went back in time)."""
+    ids = experiments_on_every_partition(cluster.settings.partitions)
+    scenarios = [scenario(e, 300, seed=40 + i) for i, e in enumerate(ids)]
+    configs = {s.experiment_id: config_for(s) for s in scenarios}
+    codec = Codec()
+    events = sorted((item for s in scenarios for item in scenario_events(s)), key=lambda item: item[0])
+    messages = [Outgoing(kind, r["unit_id"].encode(), codec.encode(kind, r), r) for _, kind, r in events]
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    cluster.start("w0", sink=False)
+    w0 = cluster.worker_settings["w0"]
+    cluster.feed(messages, rate_per_s=len(messages) / 5).finish()
+
+    def decided_by(settings: Settings) -> dict[str, dict]:
+        return {e: d for e in ids if (d := served(settings, e)) is not None}
+
+    wait_until(lambda: all(decision_view(d) == expected_view(expected, e) for e, d in decided_by(w0).items())
+               and len(decided_by(w0)) == len(ids), 90, "the only worker to decide every experiment")
+    cluster.start("w1", sink=False)
+    w1 = cluster.worker_settings["w1"]
+    # The joining worker takes over the experiments of its partitions: it republishes the
+    # partials of the input partitions it adopted, and the new owners decide.
+    wait_until(lambda: decided_by(w1), 90, "the joining worker to decide the experiments it took over")
+    wait_until(lambda: set(decided_by(w0)).isdisjoint(decided_by(w1))
+               and set(decided_by(w0)) | set(decided_by(w1)) == set(ids), 30,
+               "each experiment to be served by its owner only")
+    time.sleep(2.5 * cluster.settings.decision_interval_s)  # a later decision, by anyone, would show below
+    newest = latest_decisions(cluster.settings)
+    by_owner = {**decided_by(w0), **decided_by(w1)}
+    for e in ids:
+        assert decision_view(newest[e]) == expected_view(expected, e), f"the newest decision of {e} is not the truth"
+        assert newest[e]["decision_time"] == by_owner[e]["decision_time"], f"the newest decision of {e} is not its owner's"
 
 
 # --- 4. the broker is down for 30 s ---------------------------------------------------------
