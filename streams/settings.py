@@ -49,7 +49,6 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     batch_max_events: int = 10000
-    batch_within_s: float = 0.2
     decision_interval_s: float = 0.25
     exposure_retention_s: float = 7 * 24 * 3600.0
     model_registry: str = ""
@@ -74,7 +73,6 @@ class Settings:
             web_host=env.get("ABSTREAM_WEB_HOST", cls.web_host),
             web_port=_int(env, "ABSTREAM_WEB_PORT", cls.web_port),
             batch_max_events=_int(env, "ABSTREAM_BATCH_MAX_EVENTS", cls.batch_max_events),
-            batch_within_s=_float(env, "ABSTREAM_BATCH_WITHIN_S", cls.batch_within_s),
             decision_interval_s=_float(env, "ABSTREAM_DECISION_INTERVAL_S", cls.decision_interval_s),
             exposure_retention_s=_float(env, "ABSTREAM_EXPOSURE_RETENTION_S", cls.exposure_retention_s),
             model_registry=env.get("ABSTREAM_MODEL_REGISTRY", ""),
@@ -131,7 +129,6 @@ class Settings:
             "ABSTREAM_WEB_HOST": self.web_host,
             "ABSTREAM_WEB_PORT": str(self.web_port),
             "ABSTREAM_BATCH_MAX_EVENTS": str(self.batch_max_events),
-            "ABSTREAM_BATCH_WITHIN_S": str(self.batch_within_s),
             "ABSTREAM_DECISION_INTERVAL_S": str(self.decision_interval_s),
             "ABSTREAM_EXPOSURE_RETENTION_S": str(self.exposure_retention_s),
             "ABSTREAM_MODEL_REGISTRY": self.model_registry,

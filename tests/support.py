@@ -27,7 +27,6 @@ def make_settings(bootstrap: str, tmp: Path, clickhouse_dsn: str | None = None) 
         clickhouse_database=f"t{tag}",
         web_port=free_port(),
         broker_session_timeout_s=6.0,
-        batch_within_s=0.1,
     )
 
 
