@@ -232,6 +232,42 @@ def control(config: Any, partial: Partial, state: ControlState, now_ms: int) -> 
     return new_state, actions
 
 
+MANUAL = "manual"  # what ControlState.killed holds for a variant a person killed
+
+
+def apply_order(config: Any, state: ControlState, order: dict) -> ControlState | None:
+    """The control state after a person's kill or resume (`abstream experiment kill|resume`),
+    read back from the killswitch topic, or None when the record changes nothing.
+
+    Stage 2's own records come back on the same topic with a version it already holds (it
+    stores the version of each record it publishes), and a person's record carries a newer
+    one (streams.experiments.order), so the version tells them apart. The state then says
+    what routers do: a killed variant gets no traffic, so the canary is rolled back and the
+    bandit stops; a resume restores the config's split (routers take the newest kill-switch
+    record and the person's Allocation of the config's weights), so nothing is killed any
+    more and a canary starts again from its first step. Without this, a canary went on
+    stepping past a person's kill and could promote the variant they had stopped.
+    """
+    if order["version"] <= state.killswitch_version or order["action"] not in ("kill", "resume"):
+        return None
+    variant = order["variant"]
+    if variant not in config.weights or variant == config.control:
+        return None
+    canary = state.canary
+    if order["action"] == "kill":
+        killed = {**state.killed, variant: state.killed.get(variant, MANUAL)}
+        weights = _without(dict(state.weights or config.weights), variant, config.control)
+        if config.allocation.value == "canary" and canary.done is None:
+            canary = CanaryState(canary.step, canary.step_started_ms, canary.step_start_units, "rolled_back")
+    else:
+        killed, weights = {}, None
+        if config.allocation.value == "canary":
+            canary = CanaryState()
+    # The person's Allocation has a version near theirs: stage 2's next one must order after it.
+    return ControlState(state.guardrails, canary, killed, weights, max(state.allocation_version, order["version"]),
+                        order["version"])
+
+
 def hash_seed(experiment_id: str, version: int) -> int:
     """A seed that is the same wherever the experiment is evaluated."""
     import hashlib

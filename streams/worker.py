@@ -7,7 +7,9 @@
 - stage 2 (agent ``stage2`` on the partials topic): keeps the newest partial per source
   partition in the changelogged ``experiments`` table; a fast timer evaluates each changed
   experiment once its last decision is ``decision_interval_s`` old, and publishes Decision
-  events to ``<prefix>decisions``.
+  events to ``<prefix>decisions``;
+- agent ``orders`` on ``<prefix>killswitch`` brings a person's kill or resume into the
+  control state stage 2 keeps with each experiment.
 
 A worker started with ``--sink`` also runs the ClickHouse sink role (streams/sink.py) in a
 thread and serves read-only SQL on its loopback HTTP port.
@@ -33,13 +35,14 @@ from faust.serializers import codecs
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import fetch, metrics
-from streams.codec import Codec, ControlKind, schema_source
+from streams.codec import Codec, ControlKind, DeadLetter, schema_source
 from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
 from streams.sink import Sink, sink_endpoint_file, sql_answer
 from streams.stage1 import Stage1, expired, split_unit_key
-from streams.stage2 import ControlState, control, decision_record, evaluate, merged_partial, with_partial
+from streams.stage2 import (ControlState, apply_order, control, decision_record, evaluate, merged_partial,
+                            with_partial)
 from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, deadletter_headers,
                             input_topic_names, make_producer)
 from streams.warehouse import Warehouse
@@ -320,6 +323,32 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             latest_decisions.pop(experiment_id, None)
             changed_experiments.discard(experiment_id)
 
+    @app.agent(control_topics[ControlKind.KILLSWITCH], concurrency=1, name="orders")
+    async def orders_agent(stream):
+        # A person's kill or resume (stage2.apply_order); stage 2's own records pass unchanged.
+        # Co-partitioned with the experiments table: this worker owns the experiment.
+        async for event in stream.events():
+            order = codec.decode(ControlKind.KILLSWITCH, event.message.value)
+            if isinstance(order, DeadLetter):
+                log.warning("skipped a kill-switch record at offset %d: %s", event.message.offset, order.detail)
+                continue
+            config = experiments.get(order["experiment_id"])
+            if config is None:
+                continue
+            async with evaluating:  # an evaluation in flight writes the control state it read
+                stored = experiment_partials.data.get(config.experiment_id) \
+                    or {"partials": {}, "control": None, "partition": event.message.partition}
+                state = apply_order(config, ControlState.from_dict(stored["control"]), order)
+                if state is None:
+                    continue
+                log.warning("%s of %s/%s by a person: %s", order["action"], config.experiment_id, order["variant"],
+                            order["reason"])
+                write_table(experiment_partials, stored["partition"], config.experiment_id,
+                            {**stored, "control": state.to_dict()})
+                if stored["partials"]:
+                    changed_experiments.add(config.experiment_id)
+                    last_evaluated.pop(config.experiment_id, None)  # the decision shows the new split at once
+
     @app.timer(interval=min(settings.decision_interval_s, PARTIALS_GAP_S))
     async def cadence():
         # Decisions on change: a changed experiment is evaluated as soon as its last decision
@@ -395,8 +424,11 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 metrics.REGISTRY_ERRORS.inc()
                 log.exception("the model registry did not record the promotion of %s", variant.name)
         if new_state.to_dict() != state.to_dict():
-            stored = {**stored, "control": new_state.to_dict()}
-            write_table(experiment_partials, stored["partition"], config.experiment_id, stored)
+            # The partials as they are now: the stage-2 agent may have stored newer ones while
+            # the sends above waited, and writing back the ones read before would undo them.
+            current = experiment_partials.data.get(config.experiment_id) or stored
+            write_table(experiment_partials, current["partition"], config.experiment_id,
+                        {**current, "control": new_state.to_dict()})
         record = decision_record(config, evaluate(config, partial, new_state.weights), partial, now_ms, new_state.weights)
         latest_decisions[config.experiment_id] = record
         metrics.observe_decision(record, config.control)

@@ -244,6 +244,36 @@ def test_a_person_kills_and_resumes_a_variant_from_the_command_line(settings):
     assert unknown.returncode == 1 and "no variant 'nope'" in unknown.stderr
 
 
+def test_stage_2_follows_a_persons_kill_and_resume(run):
+    """A person's kill reaches stage 2 through the killswitch topic: the next decision reports
+    the variant at weight 0 (a canary or bandit would hold), and a resume restores the split."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from streams.decisions import latest_decisions
+
+    settings, _, _ = run
+    publish_config(settings, config("held"))
+    held = ExperimentScenario("held", {"control": ArmTruth(0.1), "treatment": ArmTruth(0.1)},
+                              {"control": 0.5, "treatment": 0.5}, units=400, seed=27)
+    publish(settings, messages(scenario_events(held)))
+
+    def treatment_weight() -> float | None:
+        decision = latest_decisions(settings).get("held")
+        return None if decision is None else next(v["weight"] for v in decision["variants"] if v["variant"] == "treatment")
+
+    wait_until(lambda: treatment_weight() == 0.5, 60, "a decision of the held experiment")
+    abstream = str(Path(sys.executable).parent / "abstream")
+    env = {**os.environ, **settings.to_env()}
+    for action, weight in (("kill", 0.0), ("resume", 0.5)):
+        done = subprocess.run([abstream, "experiment", action, "held", "--variant", "treatment"], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: treatment_weight() == weight, 30, f"a decision after the {action}")
+
+
 def test_a_router_stops_sending_units_to_a_killed_challenger(run):
     """A router built on the client library: the challenger's latency jumps, stage 2 kills it,
     and from the moment the router has read the kill switch no unit goes to the challenger."""
