@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaError
 
 from streams.codec import Codec, ControlKind, DeadLetter, schema_source
 from streams.settings import Settings
@@ -74,17 +74,24 @@ def run_bridge(settings: Settings, alertmanager_url: str, *, resend_s: float = 6
         "auto.offset.reset": "earliest", "enable.partition.eof": "true"}))
     consumer.subscribe([settings.topic(ALERTS)])
     firing: dict[str, dict] = {}  # alert_id without its firing number -> the Alertmanager alert
-    forwarded, last_resend, idle_polls = 0, time.monotonic(), 0
+    forwarded, last_resend = 0, time.monotonic()
+    # Partitions read to their end (librdkafka's partition-EOF events). `--once` stops when all
+    # assigned partitions are: a count of empty polls stopped it before the first fetch of a
+    # slow start, having forwarded nothing.
+    at_end: set[tuple[str, int]] = set()
     try:
         while True:
             messages = consumer.consume(num_messages=500, timeout=0.5)
-            records = [m for m in messages if m.error() is None]
-            if not records:
-                idle_polls += 1
-                if once and idle_polls >= 4 and consumer.assignment():
-                    return forwarded
-            else:
-                idle_polls = 0
+            records = []
+            for m in messages:
+                if m.error() is None:
+                    records.append(m)
+                    at_end.discard((m.topic(), m.partition()))
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add((m.topic(), m.partition()))
+            assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+            if once and not records and assigned and assigned <= at_end:
+                return forwarded
             batch = []
             for message in records:
                 alert = codec.decode(ControlKind.ALERT, message.value())

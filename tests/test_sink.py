@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from streams.codec import Codec, EventKind
 from streams.simulate import publish, simulated_messages
@@ -224,4 +225,73 @@ def test_offsets_whose_commit_failed_are_committed_once_the_stream_has_ended(set
     finally:
         sink.stop()
     assert consumer.failed > 0 and sink.failure is None
+    exactly_once(warehouse, distinct)
+
+
+class CountingWarehouse:
+    """One sink's handle on the warehouse that two sinks share, as two sink processes share a
+    ClickHouse server (chDB admits one process, so the two sinks are threads of this one; the
+    Warehouse serialises their calls): counts the rows this sink inserts."""
+
+    def __init__(self, warehouse: Warehouse):
+        self._warehouse, self.inserted = warehouse, 0
+
+    def insert(self, table, column_names, columns) -> None:
+        self._warehouse.insert(table, column_names, columns)
+        self.inserted += len(columns[0]) if columns else 0
+
+    def __getattr__(self, name):
+        return getattr(self._warehouse, name)
+
+
+def members_holding_input_partitions(settings, inputs: list[str]) -> int:
+    """Members of the sink's group that hold input partitions now (the broker's view: a
+    consumer's own methods wait while its thread polls)."""
+    admin = AdminClient(settings.kafka_config())
+    group = f"{settings.topic_prefix}sink"
+    description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    return sum(1 for m in description.members
+               if m.assignment and any(tp.topic in inputs for tp in m.assignment.topic_partitions))
+
+
+@pytest.mark.kafka
+def test_a_second_sink_joins_and_leaves_mid_stream_and_every_row_lands_once(settings, warehouse):
+    # Partitions move to the joining sink and back; re-sends of an event fall on either side
+    # of each move, so each new owner must judge by the rows the
+    # other wrote: its ledgers rebuilt from the table, the leaver's offsets committed.
+    ensure_topics(settings)
+    messages = simulated_messages(3_000, duplicates=400, n_units=600, seed=31)
+    distinct = Counter(m.kind for m in {(m.kind, m.record["unit_id"], m.record["event_id"]): m for m in messages}.values())
+    inputs = sorted(input_topic_names(settings))
+    sinks, threads = {}, {}
+
+    def start(name: str) -> None:
+        sinks[name] = Sink(settings, CountingWarehouse(warehouse), Codec())
+        threads[name] = threading.Thread(target=sinks[name].run, daemon=True)
+        threads[name].start()
+
+    def caught_up() -> bool:
+        return not any(group_lag(settings, f"{settings.topic_prefix}sink", inputs).values())
+
+    thirds = [messages[:1000], messages[1000:2000], messages[2000:]]
+    try:
+        assert publish(settings, thirds[0]) == 1000
+        start("a")
+        wait_until(caught_up, 60, "the first sink to write the first third")
+        start("b")
+        wait_until(lambda: members_holding_input_partitions(settings, inputs) == 2, 60,
+                   "the second sink to get input partitions")
+        assert publish(settings, thirds[1]) == 1000
+        wait_until(lambda: caught_up() and sinks["b"].warehouse.inserted > 0, 60, "both sinks to write the second third")
+        sinks["b"].stop()  # leaves the group: its partitions go back to the first sink
+        threads["b"].join(30)
+        before = sinks["a"].warehouse.inserted
+        assert publish(settings, thirds[2]) == 1000
+        wait_until(caught_up, 60, "the first sink to write the last third")
+    finally:
+        for sink in sinks.values():
+            sink.stop()
+        for thread in threads.values():
+            thread.join(30)
+    assert sinks["a"].warehouse.inserted > before and all(s.failure is None for s in sinks.values())
     exactly_once(warehouse, distinct)
