@@ -23,6 +23,7 @@ Nothing here does I/O: the Faust agent in streams/worker.py does the reading and
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from operator import attrgetter
 from dataclasses import dataclass, field
@@ -32,9 +33,10 @@ from streams import metrics
 from streams.codec import Codec, DeadLetter, DeadLetterReason, EventKind
 from streams.partials import Partial, outcome_names
 from streams.settings import Settings
-from streams.topics import INPUT_TOPICS, input_topic_names
+from streams.topics import INPUT_TOPICS, TopicError, input_topic_names
 from streams.units import UnitState
 
+log = logging.getLogger("abstream.stage1")
 KEY_SEPARATOR = "\x1f"
 # Events of experiments in these states are counted and dropped (str values: the config's
 # status is a str enum, and Stage1 takes any config object).
@@ -142,8 +144,14 @@ class Stage1:
                 experiment_id = decoded["experiment_id"]
                 config = get_config(experiment_id)
                 if config is None and not refreshed:
-                    self.experiments.refresh()
                     refreshed = True
+                    try:
+                        self.experiments.refresh()
+                    except TopicError as exc:
+                        # The broker away: judge by the configs the catalogue holds. A config
+                        # published in the last moments is then missed and its first events are
+                        # dead letters, bytes kept; raising instead would stop the worker.
+                        log.warning("the experiment catalogue could not be refreshed: %s", exc)
                     config = get_config(experiment_id)
                 if config is None:
                     decoded = DeadLetter(DeadLetterReason.UNKNOWN_EXPERIMENT, f"experiment {experiment_id[:80]!r} is not defined")

@@ -238,3 +238,23 @@ def test_any_unit_state_survives_its_stored_form():
         assert state.copy() == state
 
     check()
+
+
+def test_events_of_an_unknown_experiment_are_dead_letters_when_the_catalogue_cannot_be_refreshed():
+    from streams.experiments import ExperimentTopicError
+
+    class Unreachable(Experiments):
+        refreshes = 0
+
+        def refresh(self, timeout_s=5.0):
+            self.refreshes += 1
+            raise ExperimentTopicError("cannot ask for the end of experiments: broker down")
+
+    units: dict = {}
+    catalogue = Unreachable()
+    fold = Stage1(SETTINGS, CODEC, catalogue, read_unit=units.get, scan_units=lambda: list(units.items()))
+    result = fold.process([message(EventKind.ASSIGNMENT, 1, experiment_id="new"), message(EventKind.ASSIGNMENT, 2),
+                           message(EventKind.OUTCOME, 3, experiment_id="new")])
+    assert [(m.offset, letter.reason) for m, letter in result.dead] == \
+        [(1, DeadLetterReason.UNKNOWN_EXPERIMENT), (3, DeadLetterReason.UNKNOWN_EXPERIMENT)]
+    assert len(result.unit_writes) == 1 and catalogue.refreshes == 1  # the known experiment's event is folded
