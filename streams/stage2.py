@@ -30,11 +30,16 @@ BANDIT_FLOOR = 0.05
 BANDIT_MIN_CHANGE = 0.01
 
 
+def stored_or_new(stored: dict | None, table_partition: int) -> dict:
+    """An experiment's stage-2 table value, or the one it starts with: {"partials": {source
+    partition: partial}, "control": control state, "partition": the table partition of the
+    experiment (where its changelog goes)}."""
+    return stored or {"partials": {}, "control": None, "partition": table_partition}
+
+
 def with_partial(stored: dict | None, source_partition: int, partial: dict, table_partition: int) -> dict:
-    """The stage-2 table value after a partial snapshot from ``source_partition`` arrived:
-    {"partials": {source partition: partial}, "control": control state, "partition": the
-    table partition of the experiment (where its changelog goes)}."""
-    stored = stored or {"partials": {}, "control": None}
+    """The stage-2 table value after a partial snapshot from ``source_partition`` arrived."""
+    stored = stored_or_new(stored, table_partition)
     return {**stored, "partials": {**stored["partials"], str(source_partition): partial}, "partition": table_partition}
 
 

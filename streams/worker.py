@@ -42,7 +42,7 @@ from streams.registry import ModelRegistry, model_registry
 from streams.sink import Sink, sink_endpoint_file, sql_answer
 from streams.stage1 import Stage1, expired, split_unit_key
 from streams.stage2 import (ControlState, apply_order, control, decision_record, evaluate, merged_partial,
-                            with_partial)
+                            stored_or_new, with_partial)
 from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, deadletter_headers,
                             input_topic_names, make_producer)
 from streams.warehouse import Warehouse
@@ -336,8 +336,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             if config is None:
                 continue
             async with evaluating:  # an evaluation in flight writes the control state it read
-                stored = experiment_partials.data.get(config.experiment_id) \
-                    or {"partials": {}, "control": None, "partition": event.message.partition}
+                stored = stored_or_new(experiment_partials.data.get(config.experiment_id), event.message.partition)
                 state = apply_order(config, ControlState.from_dict(stored["control"]), order)
                 if state is None:
                     continue

@@ -24,8 +24,6 @@ import struct
 import threading
 import time
 import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,7 +45,8 @@ from streams.topics import DEADLETTER, INPUT_TOPICS, ensure_topics, make_produce
 from streams.warehouse import RAW_TABLES
 from tests.support import (clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings, read_all,
                            rss_bytes, start_worker_process, wait_until)
-from tests.test_engine import WINDOW_S, config_for, decision_statistics, ground_truth, sql, statistics_from_totals
+from tests.test_engine import (WINDOW_S, config_for, decision_statistics, ground_truth, served_decision, sql,
+                               statistics_from_totals)
 from tests.test_pipeline import scrape, total
 
 pytestmark = pytest.mark.kafka
@@ -450,15 +449,6 @@ def experiments_on_every_partition(partitions: int) -> list[str]:
     return [chosen[p] for p in every]
 
 
-def served(settings: Settings, experiment_id: str) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://{settings.web_host}:{settings.web_port}/experiments/"
-                                    f"{urllib.parse.quote(experiment_id)}", timeout=5) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError:
-        return None
-
-
 def test_a_worker_that_lost_an_experiment_neither_serves_nor_decides_it(cluster):
     """A worker keeps no state of, and publishes no decision for, an experiment whose stage-2
     partition went to another worker (it once did: its newest decision went back in time)."""
@@ -475,7 +465,7 @@ def test_a_worker_that_lost_an_experiment_neither_serves_nor_decides_it(cluster)
     cluster.feed(messages, rate_per_s=len(messages) / 5).finish()
 
     def decided_by(settings: Settings) -> dict[str, dict]:
-        return {e: d for e in ids if (d := served(settings, e)) is not None}
+        return {e: d for e in ids if (d := served_decision([settings], e)) is not None}
 
     wait_until(lambda: all(decision_view(d) == expected_view(expected, e) for e, d in decided_by(w0).items())
                and len(decided_by(w0)) == len(ids), 90, "the only worker to decide every experiment")
