@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from enum import Enum
@@ -24,6 +25,7 @@ import fastavro
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 _HEADER = struct.Struct(">bI")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 
 # Bounds that make a value absurd rather than merely surprising. Fixed, not relative to
 # the clock, so that every process (worker, sink, replay next week) judges an event alike.
@@ -201,6 +203,10 @@ class Codec:
         # fastavro compares them deeply on every call otherwise (~40% of a decode, measured).
         self._resolve_to: dict[int, Any] = {}
 
+    def reader_schema(self, kind: Kind) -> Any:
+        """The parsed schema that every decoded record of the kind is resolved to."""
+        return self._reader[kind]
+
     def encode(self, kind: Kind, record: dict) -> bytes:
         schema_id = self.schemas.id_for(kind)
         buf = io.BytesIO()
@@ -227,7 +233,10 @@ class Codec:
                 self._resolve_to[schema_id] = None if writer.parsed == reader else reader
             record = fastavro.schemaless_reader(body, writer.parsed, self._resolve_to[schema_id])
         except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, IndexError, ...
-            return DeadLetter(DeadLetterReason.BAD_AVRO, f"{type(exc).__name__}: {exc}"[:200])
+            # fastavro's messages may name the buffer object (its memory address): a dead letter's
+            # detail must be the same whoever decodes the payload, and whenever.
+            detail = _OBJECT_REPR.sub("<payload>", f"{type(exc).__name__}: {exc}")
+            return DeadLetter(DeadLetterReason.BAD_AVRO, detail[:200])
         if body.tell() != len(payload):
             return DeadLetter(DeadLetterReason.BAD_AVRO, f"{len(payload) - body.tell()} bytes after the end of the record")
         problem = validate(kind, record, size=len(payload) - _HEADER.size) if isinstance(kind, EventKind) else None
