@@ -53,7 +53,7 @@ from streams.experiments import ExperimentConfig, publish_config, start  # noqa:
 from streams.processes import start_sink, start_worker, stop_worker, wait_healthy  # noqa: E402
 from streams.scenario import ArmTruth, ExperimentScenario, scenario_events, shadow_events  # noqa: E402
 from streams.settings import Settings  # noqa: E402
-from streams.topics import DECISIONS, INPUT_TOPICS, KILLSWITCH, ensure_topics, producer_config  # noqa: E402
+from streams.topics import DECISIONS, INPUT_TOPICS, KILLSWITCH, STAGE1_STATE, ensure_topics, producer_config  # noqa: E402
 
 PARTS = ("ceilings", "throughput", "latency", "sink", "memory")
 OUT_DIR = ROOT / "bench" / "out"
@@ -516,13 +516,13 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
             broker_cpu_share=round((broker_cpu1 - broker_cpu0) / seconds, 3),
             worker_rss_mb=[round(w.rss_bytes() / 2**20, 1) for w in workers])
         if n_workers == 1 and not profile_s:
-            changelog = changelog_bytes_per_key(settings, tail=None)
+            written = state_log_figures(settings)
             input_bytes = sum(map(len, corpus.values)) + sum(map(len, corpus.keys))
-            result["units_changelog"] = {
-                **changelog, "records_per_input_event": round(changelog.get("records_read", 0) / n, 3),
-                "bytes_per_input_byte": round(changelog.get("bytes_read", 0) / input_bytes, 2),
-                "method": "every record of <prefix>worker-units-changelog after the run (key + value bytes), against "
-                          "the input messages' key + value bytes: what stage 1 writes back to Kafka per event read"}
+            result["state_log"] = {
+                **written, "records_per_input_event": round(written.get("records", 0) / n, 4),
+                "bytes_per_input_byte": round(written.get("bytes", 0) / input_bytes, 3),
+                "method": "every record of <prefix>stage1-state after the run (value + headers), against the input "
+                          "messages' key + value bytes: what stage 1 writes back to Kafka per event read"}
         if raw_ceiling:
             result["raw_consume_ceiling"] = raw_consume_ceiling(settings, n)
         return result
@@ -748,7 +748,7 @@ def batch_histograms(worker: Worker) -> dict:
     samples = worker.metrics()
     out = {}
     series = [(name, {}) for name in ("abstream_batch_seconds", "abstream_batch_delay_seconds", "abstream_batch_events")]
-    series += [("abstream_batch_phase_seconds", {"phase": phase}) for phase in ("fold", "changelog_flush", "producer_flush")]
+    series += [("abstream_batch_phase_seconds", {"phase": phase}) for phase in ("fold", "state_write", "producer_flush")]
     series += [("abstream_gc_pause_seconds", {"generation": generation}) for generation in ("0", "1", "2")]
     for name, labels in series:
         count = metric_sum(samples, f"{name}_count", **labels)
@@ -954,53 +954,62 @@ def memory_run(bench: Bench, n_events: int, n_units: int, timeout_s: float) -> d
             if "full" in marks:
                 result["rss_per_unit_bytes_at_n"] = round((marks["full"]["rss_mb"] * 2**20 - rss_idle) / unit_states)
         result["events_per_unit_at_half_and_full"] = [round(n_events / 2 / n_units, 1), round(n_events / n_units, 1)]
-        result["changelog_bytes_per_key"] = changelog_bytes_per_key(settings)
+        written = state_log_figures(settings)
+        result["state_log"] = written
+        if written.get("newest_snapshot_bytes") and unit_states:
+            result["snapshot_bytes_per_unit"] = round(written["newest_snapshot_bytes"] / unit_states)
         result["method"] = (
             "one worker (no sink). Population: one assignment per unit (4 experiments), then predictions 60%, "
             "shadow runs 20%, outcomes 20% for units drawn uniformly from that population, published as fast as "
             "possible (the worker consumes a backlog). RSS = VmRSS of the worker process when the scraped "
             "abstream_events_consumed_total first reaches N/2 and N (assignments included in N). rss_per_unit = "
-            "(RSS - RSS of the idle worker) / abstream_unit_states. changelog_bytes_per_key = mean key+value bytes of "
-            "the newest record per key in the last 20,000 records of each partition of the units table's changelog "
-            "topic (the serialized unit state).")
+            "(RSS - RSS of the idle worker) / abstream_unit_states. snapshot_bytes_per_unit = the newest snapshot of "
+            "every partition in the stage-1 state log (its chunks' bytes) / abstream_unit_states: a unit state's stored "
+            "size.")
         return result
     finally:
         scraper.stop()
         worker.stop()
 
 
-def changelog_bytes_per_key(settings: Settings, tail: int | None = 20_000) -> dict:
-    """Newest record per key of the units table's changelog (the last ``tail`` records of each
-    partition, or all of them), and the bytes of every record read."""
-    topic = f"{settings.topic_prefix}worker-units-changelog"
-    consumer = Consumer(settings.kafka_config(**{"group.id": f"{settings.topic_prefix}bench-changelog",
+def state_log_figures(settings: Settings) -> dict:
+    """Every record of the stage-1 state log (streams/state_log.py) after a run: records and
+    bytes (value + headers), transactions by type, and the bytes of each partition's newest
+    snapshot (its chunks), read raw without claiming anything."""
+    topic = settings.topic(STAGE1_STATE)
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"{settings.topic_prefix}bench-state",
                                                  "enable.auto.commit": "false"}))
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or not meta.partitions:
             return {"error": f"no topic {topic}"}
-        newest: dict[bytes, int] = {}
-        total_records = read_records = read_bytes = 0
+        records = size = 0
+        by_type: dict[str, int] = defaultdict(int)
+        snapshot_bytes: dict[int, int] = {}
         for p in meta.partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            total_records += high - low
-            start_at = low if tail is None else max(low, high - tail)
-            if high <= start_at:
+            if high <= low:
                 continue
-            consumer.assign([TopicPartition(topic, p, start_at)])
-            position = start_at
+            consumer.assign([TopicPartition(topic, p, low)])
+            chunk_bytes: dict[str, int] = defaultdict(int)
+            position = low
             while position < high:
                 for m in consumer.consume(num_messages=5000, timeout=5):
-                    if m.error() is None:
-                        size = len(m.key() or b"") + len(m.value() or b"")
-                        newest[m.key()] = size
-                        read_records += 1
-                        read_bytes += size
-                        position = m.offset() + 1
-        sizes = sorted(newest.values())
-        return {"keys_sampled": len(sizes), "mean": round(sum(sizes) / len(sizes)) if sizes else None,
-                "p50": sizes[len(sizes) // 2] if sizes else None, "max": sizes[-1] if sizes else None,
-                "changelog_records": total_records, "records_read": read_records, "bytes_read": read_bytes}
+                    if m.error() is not None:
+                        continue
+                    headers = dict(m.headers() or [])
+                    length = len(m.value() or b"") + sum(len(k) + len(v or b"") for k, v in headers.items())
+                    records, size, position = records + 1, size + length, m.offset() + 1
+                    txn = (headers.get("txn") or b"").decode()
+                    if headers.get("kind") == b"chunk":
+                        chunk_bytes[txn] += len(m.value() or b"")
+                    elif headers.get("kind") == b"commit":
+                        kind = headers["type"].decode()
+                        by_type[kind] += 1
+                        if kind == "snapshot":
+                            snapshot_bytes[p] = chunk_bytes[txn]
+        return {"records": records, "bytes": size, "transactions": dict(by_type),
+                "newest_snapshot_bytes": sum(snapshot_bytes.values()) if snapshot_bytes else None}
     finally:
         consumer.close()
 
@@ -1106,7 +1115,7 @@ def table(report: dict) -> str:
                      f"{m.get('half', {}).get('rss_mb', '?')} / {m.get('full', {}).get('rss_mb', '?')} MiB"
                      + (f" (+{mem['rss_growth_half_to_full']:.1%})" if "rss_growth_half_to_full" in mem else "")))
         rows.append(("unit state: RSS/unit, changelog bytes/key",
-                     f"{mem.get('rss_per_unit_bytes_at_n', '?')} B, {mem.get('changelog_bytes_per_key', {}).get('mean', '?')} B"))
+                     f"{mem.get('rss_per_unit_bytes_at_n', '?')} B, {mem.get('snapshot_bytes_per_unit', '?')} B"))
     s = report.get("sink", {}).get("sink", {})
     if "rows_per_s" in s:
         rows.append(("sink rows/s, lag p50/max", f"{s['rows_per_s']:,} rows/s, {s['sink_lag_s']['p50']:.1f} / {s['sink_lag_s']['max']:.1f} s"))

@@ -11,11 +11,11 @@ rebalances, partition assignment, offset tracking and commits.
 
 How: :class:`BatchConsumer` replaces the fetcher loop (`_drain_messages`, private API of
 faust-streaming 0.15, pinned in pyproject). Records of the batch topics go to the app's
-batch handler as one list; records of every other topic (the partials topic of the stage-2
-agent, for one) take Faust's ordinary path. Messages are acked only after the handler
-returned, and the handler flushes the producer first, so an offset is never committed
-before the table and dead-letter records of its message are in Kafka (at-least-once; unit
-state makes replays idempotent). The handler gets aiokafka's records as they are; one Faust
+batch handler as one dict of lists (per topic and partition); records of every other topic
+(the partials topic of the stage-2 agent, for one) take Faust's ordinary path. Messages are
+acked only after the handler returned, and the handler writes the batch's state and dead
+letters first, so an offset is never committed before its message's effects are in Kafka
+(at-least-once; stage 1's input positions make replays idempotent). The handler gets aiokafka's records as they are; one Faust
 message per partition (its last record in the batch) is tracked as Faust tracks an agent's,
 so a rebalance waits for the batch in flight and commits it before the partitions move, and
 the offsets before it are acknowledged in one step on the consumer's offset books. A
@@ -35,7 +35,9 @@ from faust.types.tuples import ack_lock
 
 # How long the broker may hold a fetch that finds no new records.
 FETCH_MAX_WAIT_MS = 50
-BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
+# The handler gets aiokafka's records as they are, per (topic, partition), in offset order, and
+# returns the (topic, partition) whose records it could not make durable: not acked, read again.
+BatchHandler = Callable[[dict[tuple[str, int], Sequence[ConsumerRecord]]], Awaitable[set[tuple[str, int]]]]
 SCHEME = "abstream"
 
 
@@ -54,11 +56,11 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 if not records or self.should_stop:
                     continue
                 generation = app.consumer_generation_id
-                batch = []  # aiokafka's records as they are: stage 1 reads topic, partition, offset, key, value
+                batch = {}
                 spans = {}
                 for tp, tp_records in records.items():
                     if tp.topic in batch_topics:
-                        batch.extend(tp_records)
+                        batch[(tp.topic, tp.partition)] = tp_records
                         spans[tp] = (tp_records[0].offset, tp_records[-1])
                     else:
                         for record in tp_records:
@@ -74,14 +76,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         self.track_message(marker)
                     processing = asyncio.ensure_future(handler(batch))
                     try:
-                        await asyncio.shield(processing)
+                        unwritten = await asyncio.shield(processing)
                     except asyncio.CancelledError:
                         # The worker is stopping: finish the batch and ack it, so that the
                         # consumer's last commit covers it rather than its next owner redoing it.
-                        await processing
-                        self._ack_batch(spans, markers)
+                        await self._ack_written(await processing, spans, markers)
                         raise
-                    self._ack_batch(spans, markers)
+                    await self._ack_written(unwritten, spans, markers)
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
@@ -94,6 +95,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 return
             raise
 
+
+    async def _ack_written(self, unwritten: set[tuple[str, int]], spans: dict, markers: dict) -> None:
+        """Ack the batch's records except those of partitions whose state could not be written:
+        those are read again from the batch's first offset (the handler reloads the partition's
+        state from its log, which says where it really got to)."""
+        for tp in [tp for tp in spans if (tp.topic, tp.partition) in unwritten]:
+            first, _ = spans.pop(tp)
+            self._unacked_messages.discard(markers.pop(tp))
+            await self.seek(tp, first)
+        self._ack_batch(spans, markers)
 
     def _ack_batch(self, spans: dict, markers: dict) -> None:
         """Acknowledge every offset of the batch: the ones before each partition's last record

@@ -38,7 +38,7 @@ BATCH_SECONDS = Histogram(
 )
 BATCH_PHASE_SECONDS = Histogram(
     "abstream_batch_phase_seconds",
-    "Time of one phase of a stage-1 batch: fold (decode, fold, encode), changelog_flush, producer_flush.",
+    "Time of one phase of a stage-1 batch: fold (decode, fold), state_write (state-log transactions), producer_flush.",
     ["phase"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 BATCH_DELAY_SECONDS = Histogram(

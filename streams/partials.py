@@ -13,10 +13,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
+import numpy as np
+
+from analysis.sketch import QuantileSketch
 from analysis.stats import MeanStats, ProportionStats, RatioStats
-from streams.units import CounterKey, UnitState
+
+# Guardrail counters, kept per partition and experiment, keyed (namespace, variant or
+# challenger, key): prediction status; latency sketch buckets (a DDSketch key, "z" for 0);
+# prediction score bins per event-time hour ("hour:bin"); shadow comparisons per challenger.
+CounterKey = tuple[str, str, str]
+LATENCY_SKETCH = QuantileSketch(relative_accuracy=0.02)
+SCORE_BINS = 20
+HOUR_MS = 3_600_000
+# Shadow runs are compared on labels when both models give one, else on scores, which
+# disagree when they fall on different sides of this decision threshold.
+SCORE_DECISION_THRESHOLD = 0.5
 
 
 class MetricSpec(Protocol):
@@ -40,16 +53,22 @@ def outcome_names(metrics: Iterable[MetricSpec]) -> frozenset[str]:
     return frozenset(names)
 
 
-def contribution(metric: MetricSpec, totals: dict[str, float]) -> tuple[float, ...]:
-    """A unit's terms in the metric's sufficient statistics (see analysis.stats)."""
+def terms(metric: MetricSpec, column: Callable[[str], int], totals: np.ndarray) -> np.ndarray:
+    """Each row's terms in the metric's sufficient statistics (see analysis.stats), one row per
+    unit: binary (converted,), continuous (x, x^2), ratio (x, x^2, y, y^2, xy), where x and y
+    are the unit's totals of the named outcomes (``column`` gives their column, -1 if none)."""
+    def total(name: str) -> np.ndarray:
+        at = column(name)
+        return totals[:, at] if at >= 0 else np.zeros(totals.shape[0])
+
     kind = metric_kind(metric)
     if kind == "binary":
-        return (1.0 if totals.get(metric.name, 0.0) > 0 else 0.0,)
+        return (total(metric.name) > 0).astype(np.float64)[:, None]
     if kind == "continuous":
-        x = totals.get(metric.name, 0.0)
-        return (x, x * x)
-    x, y = totals.get(metric.numerator, 0.0), totals.get(metric.denominator, 0.0)
-    return (x, x * x, y, y * y, x * y)
+        x = total(metric.name)
+        return np.stack([x, x * x], axis=1)
+    x, y = total(metric.numerator), total(metric.denominator)
+    return np.stack([x, x * x, y, y * y, x * y], axis=1)
 
 
 @dataclass
@@ -69,65 +88,6 @@ class Partial:
     first_exposure_ms: int | None = None
     # Flat, keyed like the unit counters: (namespace, variant or challenger, key).
     counters: dict[CounterKey, float] = field(default_factory=dict)
-
-    def add_unit(self, state: UnitState, metrics: Iterable[MetricSpec], *, counters: bool = True) -> None:
-        """Add one unit's contribution; ``counters=False`` leaves the counters to
-        :meth:`add_counters` (the stage-1 fold passes a journal)."""
-        self._widen_bounds(state)
-        for fate, count in state.fates.items():
-            self.fates[fate] = self.fates.get(fate, 0) + count
-        self.inconsistencies += state.inconsistencies + state.other_variant_predictions()
-        if counters:
-            self.add_counters(state.counters)
-        if state.variant is None:
-            return
-        arm = self.variants.setdefault(state.variant, VariantPartial())
-        arm.units += 1
-        for metric in metrics:
-            terms = contribution(metric, state.totals)
-            sums = arm.sums.setdefault(metric.name, [0.0] * len(terms))
-            for i, term in enumerate(terms):
-                sums[i] += term
-
-    def _widen_bounds(self, state: UnitState) -> None:
-        # The event-time bounds only grow (a unit's exposure never moves and its last event
-        # time only increases), so a moved unit widens them and never narrows them.
-        self.watermark_ms = max(self.watermark_ms, state.last_ms)
-        if state.exposed_ms is not None:
-            self.first_exposure_ms = min(self.first_exposure_ms or state.exposed_ms, state.exposed_ms)
-
-    def move_unit(self, before: UnitState | None, after: UnitState, metrics: Iterable[MetricSpec]) -> None:
-        """Replace one unit's contribution: take ``before`` away (None: a new unit) and add
-        ``after``, counters left to :meth:`add_counters`. What :meth:`add_unit` does twice, in
-        one pass that skips what did not move (most events leave a unit's totals as they
-        were); a moved sum takes the same two float operations in the same order."""
-        if before is None:
-            self.add_unit(after, metrics, counters=False)
-            return
-        self._widen_bounds(after)
-        if before.fates != after.fates:
-            fates = self.fates
-            for fate, count in before.fates.items():
-                fates[fate] = fates.get(fate, 0) - count
-            for fate, count in after.fates.items():
-                fates[fate] = fates.get(fate, 0) + count
-        self.inconsistencies += (after.inconsistencies + after.other_variant_predictions()
-                                 - before.inconsistencies - before.other_variant_predictions())
-        # A unit's variant never moves once set: exposed before means exposed to the same one.
-        if after.variant is None or (before.variant is not None and before.totals == after.totals):
-            return
-        arm = self.variants.setdefault(after.variant, VariantPartial())
-        if before.variant is None:
-            arm.units += 1
-        for metric in metrics:
-            terms = contribution(metric, after.totals)
-            sums = arm.sums.setdefault(metric.name, [0.0] * len(terms))
-            if before.variant is None:
-                for i, term in enumerate(terms):
-                    sums[i] += term
-            else:
-                for i, (old, term) in enumerate(zip(contribution(metric, before.totals), terms)):
-                    sums[i] = sums[i] - old + term
 
     def add_counters(self, changes: dict[CounterKey, float]) -> None:
         mine = self.counters

@@ -1,50 +1,61 @@
-"""Stage 1, per partition: decode, dead-letter, fold events into unit state and partials.
+"""Stage 1, per input partition: decode, dead-letter, fold events into unit state and partials.
 
 Input topics are keyed by unit_id and co-partitioned, so a unit's exposure and its later
-outcomes meet here, in one partition of one worker. A batch is folded in one pass:
+outcomes meet here, in one partition of one worker. A batch is folded with numpy over the
+whole batch rather than with Python per event (bench/PROFILE.md, sixth round):
 
-1. decode and validate every message; bad ones become dead letters, and so do events for
-   an experiment no worker knows (after one refresh of the experiment catalogue);
-2. group the valid events by unit state key (partition, experiment, unit), in order;
-3. for each touched unit: decode its stored state, apply its events to a copy (redeliveries
-   recognised by offset, re-sends by event id), then move the partition's partial by the
-   difference: the unit's contribution before and after, and the journal of its counter
-   changes;
-4. hand back each changed unit state once, encoded, to be written to the changelogged table.
+1. replays: a message below its partition's input position was folded before (a redelivery
+   after a crash or a hand-over) and is dropped; the positions are stored with the state
+   they describe, in one state-log transaction (streams/state_log.py), so they always agree;
+2. each topic's messages are decoded at once (streams/columns.py); bad ones become dead
+   letters, and so do events for an experiment no worker knows (after one refresh of the
+   experiment catalogue); events of draft and stopped experiments are counted and dropped;
+3. each event finds its row in the partition's unit table (streams/units.py), and the events
+   are applied in rounds (the r-th event of every touched row at once): exactly the per-unit,
+   in-order result of the rules in streams/units.py;
+4. each touched experiment's partial moves by what its rows changed, and the batch's
+   predictions and shadow runs are counted into the partial's counters;
+5. each partition's changes (rows, counter changes, new positions) become the chunks of one
+   state-log transaction.
 
-Unit states are held in memory as their stored bytes (:meth:`UnitState.to_bytes`), the
-record the changelog holds, not as objects: a few hundred thousand states of dicts and lists
-made each of Python's full garbage collections take 0.15-0.45 s, every 1.5-3 s under load
-(a gc callback in the worker, bench/PROFILE.md), and a stalled event loop is a late
-decision. Bytes are not tracked by the collector and take less memory (make bench: 3.2 KB
-of RSS per unit state, 5.2 KB as objects); decoding a touched unit costs ~3.5 us.
-
-Nothing here does I/O: the Faust agent in streams/worker.py does the reading and writing.
+Nothing here does I/O: streams/worker.py reads the batches, writes the transactions and
+publishes the partials.
 """
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
-from operator import attrgetter
+import math
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
 
 from streams import metrics
 from streams.codec import Codec, DeadLetter, DeadLetterReason, EventKind
-from streams.partials import Partial, outcome_names
+from streams.columns import ColumnDecoder, DecodedBatch, StringColumn
+from streams.partials import (HOUR_MS, LATENCY_SKETCH, SCORE_BINS, SCORE_DECISION_THRESHOLD, CounterKey, Partial,
+                              VariantPartial, outcome_names, terms)
 from streams.settings import Settings
-from streams.topics import INPUT_TOPICS, TopicError, input_topic_names
-from streams.units import UnitState
+from streams.topics import TopicError, input_topic_names
+from streams.units import FATES, NOT_EXPOSED, EventCode, Round, RowsView, Rules, UnitTable, pack, unpack
 
 log = logging.getLogger("abstream.stage1")
-KEY_SEPARATOR = "\x1f"
 # Events of experiments in these states are counted and dropped (str values: the config's
 # status is a str enum, and Stage1 takes any config object).
 _INACTIVE = frozenset({"draft", "stopped"})
-_topic_of, _partition_of, _offset_of = attrgetter("topic"), attrgetter("partition"), attrgetter("offset")
-_one_more = (1).__add__
-_ASSIGNMENT, _PREDICTION, _OUTCOME = EventKind.ASSIGNMENT, EventKind.PREDICTION, EventKind.OUTCOME
-_KIND_TAG = {EventKind.ASSIGNMENT: "a", EventKind.PREDICTION: "p", EventKind.SHADOW: "s", EventKind.OUTCOME: "o"}
+_CODES = {EventKind.ASSIGNMENT: EventCode.ASSIGNMENT, EventKind.PREDICTION: EventCode.PREDICTION,
+          EventKind.SHADOW: EventCode.SHADOW, EventKind.OUTCOME: EventCode.OUTCOME}
+# An event's identity is its kind and its event_id: each kind's id hashes are told apart by
+# xor with a constant of its own.
+_KIND_SALT = {EventKind.ASSIGNMENT: np.uint64(0), EventKind.PREDICTION: np.uint64(0x9E3779B97F4A7C15),
+              EventKind.SHADOW: np.uint64(0xC2B2AE3D27D4EB4F), EventKind.OUTCOME: np.uint64(0x165667B19E3779F9)}
+_LOG_GAMMA = math.log(LATENCY_SKETCH.gamma)
+# A partition's snapshot is written once its deltas since the last one exceed this many bytes
+# or twice that snapshot, whichever is more: a new owner reads at most ~3 snapshots' worth of
+# records to rebuild the partition, and snapshots cost at most half of what deltas do.
+SNAPSHOT_AFTER_BYTES = 8 * 1024 * 1024
+_UNKNOWN, _IGNORED, _ACTIVE = 0, 1, 2
 
 
 class InputMessage(Protocol):
@@ -60,243 +71,598 @@ class ExperimentLookup(Protocol):
     def refresh(self, timeout_s: float = ...) -> None: ...
 
 
-def unit_key(partition: int, experiment_id: str, unit_id: str) -> str:
-    # The partition leads the key so that a partition's units can be found after a rebalance.
-    return f"{partition}{KEY_SEPARATOR}{experiment_id}{KEY_SEPARATOR}{unit_id}"
+@dataclass
+class PartitionState:
+    """Everything stage 1 keeps of one input partition, rebuilt from its state-log transactions."""
 
-
-def split_unit_key(key: str) -> tuple[int, str, str]:
-    partition, experiment_id, unit_id = key.split(KEY_SEPARATOR, 2)
-    return int(partition), experiment_id, unit_id
+    table: UnitTable = field(default_factory=UnitTable)
+    positions: dict[str, int] = field(default_factory=dict)  # input topic -> next offset to fold
+    partials: dict[str, Partial] = field(default_factory=dict)  # experiment -> partial, counters included
+    bytes_since_snapshot: int = 0
+    snapshot_bytes: int = 0
 
 
 @dataclass
 class BatchResult:
     dead: list[tuple[InputMessage, DeadLetter]] = field(default_factory=list)
-    unit_writes: list[tuple[int, str, bytes]] = field(default_factory=list)  # (partition, key, stored form)
+    transactions: dict[int, list[bytes]] = field(default_factory=dict)  # partition -> chunks of one transaction
     ignored: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Events:
+    """One topic's valid events of active experiments in one partition, in offset order."""
+
+    kind: EventKind
+    decoded: DecodedBatch
+    messages: Sequence[InputMessage]  # of the whole decoded batch
+    picked: np.ndarray  # indices into decoded and messages
+    rows: np.ndarray
+    variants: np.ndarray  # the table's variant code named (assignments, predictions), else -1
+    metrics: np.ndarray  # the table's totals column of an outcome its experiment tracks, else -1
+
+    def __len__(self) -> int:
+        return self.picked.size
+
+    def take(self, at: np.ndarray) -> "_Events":
+        return _Events(self.kind, self.decoded, self.messages, self.picked[at], self.rows[at], self.variants[at],
+                       self.metrics[at])
+
+
+class _Concatenated:
+    """Lists read as one, by index (only dead letters look a message up)."""
+
+    def __init__(self, lists: list[Sequence[InputMessage]]):
+        self.lists = lists
+        self.starts = np.cumsum([0] + [len(items) for items in lists])
+
+    def __getitem__(self, i: int) -> InputMessage:
+        which = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.lists[which][i - int(self.starts[which])]
+
+
+def group_by_partition(messages: Iterable[InputMessage]) -> dict[tuple[str, int], list[InputMessage]]:
+    """Messages per (topic, partition), each list in the order given (offset order)."""
+    groups: dict[tuple[str, int], list[InputMessage]] = {}
+    for message in messages:
+        groups.setdefault((message.topic, message.partition), []).append(message)
+    return groups
+
+
 class Stage1:
-    """The stage-1 fold of one worker: stored unit states are read through ``read_unit``."""
+    """The stage-1 fold of one worker, over the input partitions it holds."""
 
-    def __init__(self, settings: Settings, codec: Codec, experiments: ExperimentLookup,
-                 read_unit: Callable[[str], bytes | None], scan_units: Callable[[], Iterable[tuple[str, bytes]]]):
-        self.codec = codec
+    def __init__(self, settings: Settings, codec: Codec, experiments: ExperimentLookup):
         self.experiments = experiments
-        self.read_unit = read_unit
-        self.scan_units = scan_units
         self.kinds = input_topic_names(settings)
+        self.topics = {kind: topic for topic, kind in self.kinds.items()}
         self.short_names = {topic: topic[len(settings.topic_prefix):] for topic in self.kinds}
-        # Each input topic's slot in UnitState.offsets.
-        self.slots = {settings.topic(INPUT_TOPICS[kind]): i for i, kind in enumerate(EventKind)}
-        # This batch's prediction latencies per (experiment, variant): (bucket -> count, sum);
-        # an _apply records its own in _applied_latencies, kept only if it does not raise.
-        self._latencies: dict[tuple[str, str], list] = defaultdict(lambda: [{}, 0.0])
-        self._applied_latencies: list[tuple[str, float]] = []
-        self._attributions: dict[str, tuple[Any, int, frozenset[str]]] = {}
-        self.partials: dict[int, dict[str, Partial]] = {}
+        self.decoders = {kind: ColumnDecoder(codec, kind) for kind in EventKind}
+        self.partitions: dict[int, PartitionState] = {}
         self.dirty: set[tuple[int, str]] = set()
-        # Next offset to process per (topic, partition): the input lag is measured against it.
-        self.positions: dict[tuple[str, int], int] = {}
         # Experiments whose unit state was expired: events of stopped experiments never
-        # create state again, so they need no second scan.
+        # create state again, so they need no second pass.
         self.expired: set[str] = set()
+        self._refreshed = False
 
-    def forget_partitions(self, partitions: Iterable[int]) -> None:
-        """Drop partials of partitions this worker no longer owns (they are rebuilt from the
-        unit table if the partition comes back)."""
-        for partition in partitions:
-            self.partials.pop(partition, None)
-            self.dirty = {(p, e) for p, e in self.dirty if p != partition}
+    # --- partitions -----------------------------------------------------------------------------
 
-    def adopt(self, partition: int) -> None:
-        """Rebuild a newly assigned partition's partials from its recovered unit states and
-        mark them for publication: its last owner may have died after writing its units but
-        before publishing their partial, and no new event may ever come to trigger it."""
-        if partition not in self.partials:
-            self.dirty |= {(partition, experiment_id) for experiment_id in self._partials_of(partition)}
-
-    def _partials_of(self, partition: int) -> dict[str, Partial]:
-        partials = self.partials.get(partition)
-        if partials is None:
-            # First batch of this partition since it was assigned: rebuild its partials
-            # from the recovered unit states, so that they hold every unit, not the new ones.
-            partials = self.partials[partition] = {}
-            for key, stored in self.scan_units():
-                p, experiment_id, _ = split_unit_key(key)
-                config = self.experiments.get(experiment_id) if p == partition else None
-                if config is not None:
-                    partials.setdefault(experiment_id, Partial()).add_unit(UnitState.from_bytes(stored), config.metrics)
-        return partials
-
-    def process(self, messages: Sequence[InputMessage]) -> BatchResult:
-        # Per-event work is kept to the decode and a dict append: at 10,000 events/s a worker
-        # spends most of its core here, and a busy core is a late decision (bench/PROFILE.md).
-        result = BatchResult()
-        by_unit: dict[tuple[int, str, str], list[tuple[EventKind, dict, InputMessage]]] = {}
-        refreshed = False
-        kinds, decode, get_config = self.kinds, self.codec.decode, self.experiments.get
-        for message in messages:
-            kind = kinds[message.topic]
-            decoded = decode(kind, message.value)
-            if decoded.__class__ is dict:
-                experiment_id = decoded["experiment_id"]
-                config = get_config(experiment_id)
-                if config is None and not refreshed:
-                    refreshed = True
-                    try:
-                        self.experiments.refresh()
-                    except TopicError as exc:
-                        # The broker away: judge by the configs the catalogue holds. A config
-                        # published in the last moments is then missed and its first events are
-                        # dead letters, bytes kept; raising instead would stop the worker.
-                        log.warning("the experiment catalogue could not be refreshed: %s", exc)
-                    config = get_config(experiment_id)
-                if config is None:
-                    decoded = DeadLetter(DeadLetterReason.UNKNOWN_EXPERIMENT, f"experiment {experiment_id[:80]!r} is not defined")
-                elif config.status in _INACTIVE:
-                    topic, reason = self.short_names[message.topic], f"experiment_{config.status._value_}"
-                    result.ignored[reason] = result.ignored.get(reason, 0) + 1
-                    metrics.EVENTS_IGNORED.labels(topic, reason).inc()
-                    continue
+    def load(self, partition: int, transactions: Iterable[tuple[str, Sequence[bytes]]], *, from_start: bool) -> None:
+        """Rebuild (``from_start``) or continue a partition's state from state-log transactions
+        (type, chunks), rebuild its partials, and mark them for publication: its last owner may
+        have died after writing its state but before publishing it, and no new event may come."""
+        state = self.partitions.get(partition)
+        if from_start or state is None:
+            state = PartitionState()
+        counters = {e: p.counters for e, p in state.partials.items()}
+        for kind, chunks in transactions:
+            if kind == "snapshot":
+                state, counters = PartitionState(), {}
+            size = sum(map(len, chunks))
+            for chunk in chunks:
+                meta, arrays = unpack(chunk)
+                if meta["kind"] == "rows":
+                    state.table.apply_chunk(meta, arrays)
                 else:
-                    unit = (message.partition, experiment_id, decoded["unit_id"])
-                    events = by_unit.get(unit)
-                    if events is None:
-                        by_unit[unit] = [(kind, decoded, message)]
-                    else:
-                        events.append((kind, decoded, message))
-                    continue
-            result.dead.append((message, decoded))
-            metrics.DEADLETTERS.labels(self.short_names[message.topic], decoded.reason.value).inc()
-        # Counted and positioned in C over the whole batch rather than per event in the loop above.
-        topics, partitions = list(map(_topic_of, messages)), map(_partition_of, messages)
-        self.positions.update(zip(zip(topics, partitions), map(_one_more, map(_offset_of, messages))))
-        metrics.BATCH_EVENTS.observe(len(messages))
-        for topic, count in Counter(topics).items():
-            metrics.EVENTS_CONSUMED.labels(self.short_names[topic]).inc(count)
-
-        predictions: dict[tuple[str, str, str], int] = defaultdict(int)
-        for (partition, experiment_id, unit_id), events in by_unit.items():
-            key = unit_key(partition, experiment_id, unit_id)
-            config = get_config(experiment_id)
-            partials = self._partials_of(partition)
-            partial = partials.get(experiment_id)
-            if partial is None:
-                partial = partials[experiment_id] = Partial()
-            stored_form = self.read_unit(key)
-            if stored_form is None:
-                before, state = None, UnitState()
+                    state.positions.update(meta["positions"])
+                    for experiment_id, changes in meta["counters"].items():
+                        mine = counters.setdefault(experiment_id, {})
+                        for ns, name, key, by in changes:
+                            mine[(ns, name, key)] = mine.get((ns, name, key), 0) + by
+            if kind == "snapshot":
+                state.snapshot_bytes, state.bytes_since_snapshot = size, 0
             else:
-                state = UnitState.from_bytes(stored_form)
-                before = state.contribution_copy()
-            journal: dict = {}
-            state.journal = journal
-            self._applied_latencies = []
-            try:
-                changed = self._apply(state, events, config)
-                self._keep_latencies(experiment_id)
-            except Exception:
-                stored = None if stored_form is None else UnitState.from_bytes(stored_form)
-                state, changed, journal = self._apply_each(stored, events, config, result)
-            state.journal = None
-            if changed:
-                partial.move_unit(before, state, config.metrics)
-                partial.add_counters(journal)
-                result.unit_writes.append((partition, key, state.to_bytes()))
-                self.dirty.add((partition, experiment_id))
-                for (ns, variant, status), n in journal.items():
-                    if ns == "status":
-                        predictions[(experiment_id, variant, status)] += int(n)
-        # Label values are bounded by the config: a router's typo must not create series.
-        for (experiment_id, variant, status), n in predictions.items():
-            config = get_config(experiment_id)
-            metrics.PREDICTIONS.labels(experiment_id, variant if variant in config.weights else "unknown", status).inc(n)
-        for (experiment_id, variant), (counts, total) in self._latencies.items():
-            config = get_config(experiment_id)
-            metrics.PREDICTION_LATENCY.add((experiment_id, variant if variant in config.weights else "unknown"), counts, total)
-        self._latencies.clear()
-        return result
+                state.bytes_since_snapshot += size
+        state.partials = {}
+        table = state.table
+        for code, experiment_id in enumerate(table.experiments):
+            config = self.experiments.get(experiment_id)
+            rows = table.rows_of_experiment(code)
+            if config is not None and rows.size:
+                partial = state.partials[experiment_id] = Partial()
+                _move(partial, table, config, table.view(rows, blank=True), table.view(rows))
+        for experiment_id, mine in counters.items():
+            state.partials.setdefault(experiment_id, Partial()).counters = mine
+        self.partitions[partition] = state
+        self.dirty |= {(partition, e) for e in state.partials}
 
-    def _apply_each(self, stored: UnitState | None, events: list, config: Any,
-                    result: BatchResult) -> tuple[UnitState, bool, dict]:
-        """The slow path after an event raised: apply the unit's events one at a time from its
-        stored state; an event that raises leaves the state as it was before it and becomes a
-        dead letter (``processing_error``), so that one poison event cannot stop the worker."""
-        state = UnitState() if stored is None else stored  # decoded for this call: no copy needed
-        changed, journal = False, {}
-        for event in events:
-            before, state.journal = state.copy(), {}
-            self._applied_latencies = []
-            try:
-                changed |= self._apply(state, [event], config)
-                self._keep_latencies(event[1]["experiment_id"])
-            except Exception as exc:
-                state = before
-                kind, _, message = event
-                result.dead.append((message, DeadLetter(DeadLetterReason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:200])))
-                metrics.DEADLETTERS.labels(self.short_names[message.topic], DeadLetterReason.PROCESSING_ERROR.value).inc()
-            else:
-                for counter, by in state.journal.items():
-                    journal[counter] = journal.get(counter, 0) + by
-        return state, changed, journal
+    def forget(self, partition: int) -> None:
+        self.partitions.pop(partition, None)
+        self.dirty = {(p, e) for p, e in self.dirty if p != partition}
 
-    def _apply(self, state: UnitState, events: list, config: Any) -> bool:
-        window_ms, tracked = self._attribution(config)
-        changed = False
-        for kind, event, message in events:
-            if state.applied_before(self.slots[message.topic], message.offset) \
-                    or not state.first_time(_KIND_TAG[kind] + event["event_id"], event["event_time"]):
-                metrics.EVENTS_DUPLICATE.labels(INPUT_TOPICS[kind]).inc()
-                continue
-            changed = True
-            if kind is _ASSIGNMENT:
-                state.expose(event["variant"], event["event_time"], window_ms, tracked)
-            elif kind is _PREDICTION:
-                state.predicted(event)
-                self._applied_latencies.append((event["variant"], event["latency_ms"] / 1000))
-            elif kind is _OUTCOME:
-                state.outcome(event["metric"], event["event_time"], event["value"], window_ms, tracked)
-            else:
-                state.shadowed(event)
-        return changed
+    def snapshot(self, partition: int) -> list[bytes]:
+        """The chunks of a snapshot transaction of the partition (rows, counters and positions whole)."""
+        state = self.partitions[partition]
+        chunks = state.table.snapshot_chunks() + [_partition_chunk(state, {
+            e: list(_counter_list(p.counters)) for e, p in state.partials.items() if p.counters})]
+        state.snapshot_bytes, state.bytes_since_snapshot = sum(map(len, chunks)), 0
+        return chunks
 
-    def _attribution(self, config: Any) -> tuple[int, frozenset[str]]:
-        """The config's attribution window (ms) and tracked outcomes, computed once per config
-        object (outcome_names per touched unit was 7% of the fold in cProfile)."""
-        cached = self._attributions.get(config.experiment_id)
-        if cached is None or cached[0] is not config:
-            cached = self._attributions[config.experiment_id] = (
-                config, int(config.attribution_window_s * 1000), outcome_names(config.metrics))
-        return cached[1], cached[2]
+    def snapshot_due(self, partition: int) -> bool:
+        state = self.partitions[partition]
+        return state.bytes_since_snapshot > max(SNAPSHOT_AFTER_BYTES, 2 * state.snapshot_bytes)
 
-    def _keep_latencies(self, experiment_id: str) -> None:
-        bucket = metrics.PREDICTION_LATENCY.bucket
-        for variant, latency_s in self._applied_latencies:
-            histogram = self._latencies[(experiment_id, variant)]
-            index = bucket(latency_s)
-            histogram[0][index] = histogram[0].get(index, 0) + 1
-            histogram[1] += latency_s
-
-    def expire(self, experiment_ids: set[str]) -> list[tuple[int, str]]:
-        """Forget the unit states and partials of these experiments; returns the (partition,
-        key) of every unit state to delete from the table."""
+    def expire(self, experiment_ids: set[str]) -> list[int]:
+        """Drop the unit states and partials of these experiments; returns the partitions that
+        changed (whose state must be written again as a :meth:`snapshot`)."""
         experiment_ids = experiment_ids - self.expired
         if not experiment_ids:
             return []
         self.expired |= experiment_ids
-        for partials in self.partials.values():
-            for experiment_id in experiment_ids:
-                partials.pop(experiment_id, None)
-        return [(p, key) for key, _ in self.scan_units()
-                for p, experiment_id, _ in [split_unit_key(key)] if experiment_id in experiment_ids]
+        changed = []
+        for partition, state in self.partitions.items():
+            if experiment_ids & (set(state.table.experiments) | set(state.partials)):
+                state.table = state.table.without_experiments(experiment_ids)
+                for experiment_id in experiment_ids:
+                    state.partials.pop(experiment_id, None)
+                changed.append(partition)
+        self.dirty = {(p, e) for p, e in self.dirty if e not in experiment_ids}
+        return changed
 
     def take_dirty(self) -> list[tuple[int, str, Partial]]:
         """The partials changed since the last call, to be published."""
         dirty, self.dirty = self.dirty, set()
-        return [(p, e, self.partials[p][e]) for p, e in sorted(dirty) if p in self.partials]
+        return [(p, e, self.partitions[p].partials[e]) for p, e in sorted(dirty)
+                if p in self.partitions and e in self.partitions[p].partials]
 
+    def unit_states(self) -> int:
+        return sum(state.table.n for state in self.partitions.values())
+
+    # --- the fold ------------------------------------------------------------------------------
+
+    def process(self, batch: Mapping[tuple[str, int], Sequence[InputMessage]]) -> BatchResult:
+        """Fold a batch: messages per (input topic, partition), each list in offset order. Every
+        partition must have been loaded (:meth:`load`)."""
+        result = BatchResult()
+        self._refreshed = False
+        fresh: dict[tuple[str, int], Sequence[InputMessage]] = {}
+        consumed, duplicates = Counter(), Counter()
+        for (topic, partition), messages in batch.items():
+            if not messages:
+                continue
+            consumed[topic] += len(messages)
+            position = self.partitions[partition].positions.get(topic, 0)
+            replays = 0
+            while replays < len(messages) and messages[replays].offset < position:
+                replays += 1
+            duplicates[topic] += replays
+            if replays < len(messages):
+                fresh[(topic, partition)] = messages[replays:]
+        metrics.BATCH_EVENTS.observe(sum(consumed.values()))
+        for topic, n in consumed.items():
+            metrics.EVENTS_CONSUMED.labels(self.short_names[topic]).inc(n)
+
+        touched = sorted({partition for _, partition in fresh})
+        first_new = {p: self.partitions[p].table.n for p in touched}
+        routed: dict[int, list[_Events]] = {}
+        for kind in EventKind:
+            parts = [(p, ms) for (t, p), ms in fresh.items() if self.kinds[t] is kind]
+            if parts:
+                self._route(kind, parts, routed, result)
+        for partition in touched:
+            state = self.partitions[partition]
+            events = routed.get(partition, [])
+            try:
+                changes = self._fold(partition, events, first_new[partition], duplicates)
+            except Exception:  # a bug or an input nobody foresaw must not stop the worker
+                log.exception("folding partition %d's batch failed: folding its events one at a time", partition)
+                changes = self._fold_each(partition, events, first_new[partition], duplicates, result)
+            for (topic, p), messages in fresh.items():
+                if p == partition:
+                    state.positions[topic] = messages[-1].offset + 1
+            row_chunks, counter_changes = changes
+            chunks = row_chunks + [_partition_chunk(state, counter_changes)]
+            state.bytes_since_snapshot += sum(map(len, chunks))
+            result.transactions[partition] = chunks
+        for topic, n in duplicates.items():
+            if n:
+                metrics.EVENTS_DUPLICATE.labels(self.short_names[topic]).inc(n)
+        return result
+
+    def _route(self, kind: EventKind, parts: list[tuple[int, Sequence[InputMessage]]],
+               routed: dict[int, list[_Events]], result: BatchResult) -> None:
+        """Decode one topic's messages of every partition at once; dead-letter the bad ones and
+        those of unknown experiments, count those of inactive ones, and route the rest to their
+        partitions' tables (rows created for units seen for the first time)."""
+        messages = _Concatenated([ms for _, ms in parts])
+        decoded = self.decoders[kind].decode([m.value for _, ms in parts for m in ms])
+        partitions = np.repeat(np.array([p for p, _ in parts], dtype=np.int64), [len(ms) for _, ms in parts])
+        short = self.short_names[self.topics[kind]]
+        for i, letter in sorted(decoded.letters.items()):
+            result.dead.append((messages[i], letter))
+            metrics.DEADLETTERS.labels(short, letter.reason.value).inc()
+        experiment = decoded.strings["experiment_id"]
+        configs = [self._config(e) for e in experiment.values]
+        status = np.array([_UNKNOWN if c is None else _IGNORED if c.status in _INACTIVE else _ACTIVE for c in configs],
+                          dtype=np.int8)
+        valid = np.flatnonzero(decoded.valid)
+        row_status = status[experiment.codes[valid]] if status.size else np.zeros(0, dtype=np.int8)
+        for i in valid[row_status == _UNKNOWN].tolist():
+            name = experiment.values[experiment.codes[i]]
+            letter = DeadLetter(DeadLetterReason.UNKNOWN_EXPERIMENT, f"experiment {name[:80]!r} is not defined")
+            result.dead.append((messages[i], letter))
+            metrics.DEADLETTERS.labels(short, letter.reason.value).inc()
+        ignored = valid[row_status == _IGNORED]
+        if ignored.size:
+            for code, n in zip(*np.unique(experiment.codes[ignored], return_counts=True)):
+                reason = f"experiment_{configs[code].status._value_}"
+                result.ignored[reason] = result.ignored.get(reason, 0) + int(n)
+                metrics.EVENTS_IGNORED.labels(short, reason).inc(int(n))
+        active = valid[row_status == _ACTIVE]
+        units = decoded.strings["unit_id"]
+        for partition in np.unique(partitions[active]).tolist():
+            picked = active[partitions[active] == partition]
+            table = self.partitions[partition].table
+            # The table's codes of the batch's experiments, variants and tracked metrics; columns
+            # are all created here, before a round runs (a round holds on to the columns).
+            experiment_codes = np.array([table.experiment_code(e) if status[i] == _ACTIVE else -1
+                                         for i, e in enumerate(experiment.values)], dtype=np.int64)
+            rows = self._rows(table, experiment_codes, experiment.codes[picked], units, units.codes[picked])
+            variants = np.full(picked.size, -1, dtype=np.int64)
+            if kind in (EventKind.ASSIGNMENT, EventKind.PREDICTION):
+                named = decoded.strings["variant"]
+                codes = np.array([table.variant_code(v) for v in named.values], dtype=np.int64)
+                variants = codes[named.codes[picked]]
+            tracked = np.full(picked.size, -1, dtype=np.int64)
+            if kind is EventKind.OUTCOME:
+                tracked = _tracked_columns(table, configs, status, decoded.strings["metric"], experiment.codes[picked],
+                                           decoded.strings["metric"].codes[picked])
+            for config in configs:
+                if config is not None and config.status not in _INACTIVE:
+                    for name in sorted(outcome_names(config.metrics)):
+                        table.metric_code(name)
+            routed.setdefault(partition, []).append(_Events(kind, decoded, messages, picked, rows, variants, tracked))
+
+    @staticmethod
+    def _rows(table: UnitTable, experiment_codes: np.ndarray, experiments: np.ndarray, units: StringColumn,
+              unit_codes: np.ndarray) -> np.ndarray:
+        """Each event's row: Python work per distinct (experiment, unit) of the batch, not per event."""
+        n_units = max(1, len(units.values))
+        pairs, inverse = np.unique(experiments.astype(np.int64) * n_units + unit_codes, return_inverse=True)
+        rows = np.empty(pairs.size, dtype=np.int64)
+        by_experiment = pairs // n_units
+        for e in np.unique(by_experiment).tolist():
+            at = np.flatnonzero(by_experiment == e)
+            rows[at] = table.rows_of(int(experiment_codes[e]), [units.values[u] for u in (pairs[at] % n_units).tolist()])
+        return rows[inverse.reshape(-1)]
+
+    def _config(self, experiment_id: str):
+        config = self.experiments.get(experiment_id)
+        if config is None and not self._refreshed:
+            self._refreshed = True
+            try:
+                self.experiments.refresh()
+            except TopicError as exc:
+                # The broker away: judge by the configs the catalogue holds. A config published in
+                # the last moments is then missed and its first events are dead letters, bytes
+                # kept; raising instead would stop the worker.
+                log.warning("the experiment catalogue could not be refreshed: %s", exc)
+            config = self.experiments.get(experiment_id)
+        return config
+
+    def _fold(self, partition: int, events: list[_Events], first_new: int,
+              duplicates: Counter) -> tuple[list[bytes], dict[str, list]]:
+        """Apply one partition's events and move its partials; returns the transaction's row
+        chunks and the counter changes. On an exception the table is as it was before."""
+        state = self.partitions[partition]
+        table = state.table
+        if not events:
+            return [], {}
+        rows = np.concatenate([e.rows for e in events])
+        candidates = np.unique(np.r_[rows, np.arange(first_new, table.n)])
+        undo = table.save(candidates)
+        try:
+            before = table.view(candidates)
+            applied, ring_writes = self._apply(table, events, rows)
+            changed = np.union1d(np.unique(rows[applied]), np.arange(first_new, table.n))
+            at = np.searchsorted(candidates, changed)
+            after = table.view(changed)
+            before = before.take(at)
+            counter_changes: dict[str, dict[CounterKey, float]] = {}
+            observations = []
+            offset = 0
+            for e in events:
+                mine = applied[offset:offset + len(e)]
+                offset += len(e)
+                if e.kind is EventKind.PREDICTION:
+                    observations.append(self._count_predictions(table, e.take(np.flatnonzero(mine)), counter_changes))
+                elif e.kind is EventKind.SHADOW:
+                    _count_shadow_runs(table, e.take(np.flatnonzero(mine)), counter_changes)
+            chunks = table.delta_chunks(changed, first_new, ring_writes)
+        except Exception:
+            table.restore(undo)
+            raise
+        # Nothing can fail from here on: the partials and the metrics move only when the rows did.
+        offset = 0
+        for e in events:
+            duplicates[self.topics[e.kind]] += int(np.count_nonzero(~applied[offset:offset + len(e)]))
+            offset += len(e)
+        for observe in observations:
+            observe()
+        for code in np.unique(after.experiment).tolist():
+            experiment_id = table.experiments[code]
+            config = self.experiments.get(experiment_id)
+            if config is None:
+                continue
+            which = after.experiment == code
+            partial = state.partials.setdefault(experiment_id, Partial())
+            _move(partial, table, config, before.take(np.flatnonzero(which)), after.take(np.flatnonzero(which)))
+            self.dirty.add((partition, experiment_id))
+        for experiment_id, changes in counter_changes.items():
+            partial = state.partials.setdefault(experiment_id, Partial())
+            partial.add_counters(changes)
+            self.dirty.add((partition, experiment_id))
+        return chunks, {e: list(_counter_list(c)) for e, c in counter_changes.items()}
+
+    def _apply(self, table: UnitTable, events: list[_Events], rows: np.ndarray) -> tuple[np.ndarray, tuple]:
+        """Apply events in rounds (see streams/units.py); returns which events were applied (not
+        re-sends) and the (row, hash) appended to the id windows, in order."""
+        kinds = np.concatenate([np.full(len(e), _CODES[e.kind], dtype=np.int8) for e in events])
+        hashes = np.concatenate([e.decoded.hashes["event_id"][e.picked] ^ _KIND_SALT[e.kind] for e in events])
+        hashes[hashes == 0] = 1  # 0 marks an empty slot of the id window
+        times = np.concatenate([e.decoded.numbers["event_time"][e.picked] for e in events])
+        variants = np.concatenate([e.variants for e in events])
+        columns = np.concatenate([e.metrics for e in events])
+        values = np.concatenate([e.decoded.numbers["value"][e.picked] if e.kind is EventKind.OUTCOME
+                                 else np.zeros(len(e)) for e in events])
+        names = np.concatenate([_metric_names(e) for e in events])
+        rules = self._rules(table)
+        # rank[i]: how many events of row rows[i] come before event i in the batch.
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_rows)) + 1]
+        rank = np.empty(rows.size, dtype=np.int64)
+        rank[order] = np.arange(rows.size) - np.repeat(starts, np.diff(np.r_[starts, rows.size]))
+        by_rank = np.argsort(rank, kind="stable")
+        bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2))
+        applied = np.zeros(rows.size, dtype=bool)
+        written_rows, written_hashes = [], []
+        for r in range(bounds.size - 1):
+            at = by_rank[bounds[r]:bounds[r + 1]]
+            first = table.apply_round(Round(rows[at], kinds[at], hashes[at], times[at], variants[at], columns[at],
+                                            values[at], names[at]), rules)
+            applied[at] = first
+            written_rows.append(rows[at][first])
+            written_hashes.append(hashes[at][first])
+        return applied, (np.concatenate(written_rows), np.concatenate(written_hashes))
+
+    def _rules(self, table: UnitTable) -> Rules:
+        windows, tracked = [], []
+        for experiment_id in table.experiments:
+            config = self.experiments.get(experiment_id)
+            windows.append(int(config.attribution_window_s * 1000) if config is not None else 0)
+            tracked.append(outcome_names(config.metrics) if config is not None else frozenset())
+        return Rules(np.array(windows, dtype=np.int64), tracked)
+
+    def _fold_each(self, partition: int, events: list[_Events], first_new: int, duplicates: Counter,
+                   result: BatchResult) -> tuple[list[bytes], dict[str, list]]:
+        """The slow path after a batch raised: fold the events one at a time; an event that raises
+        leaves the table as it was and becomes a dead letter (``processing_error``), so that one
+        poison event cannot stop the worker. The changes are written as one transaction."""
+        table = self.partitions[partition].table
+        rows: list[np.ndarray] = []
+        counters: dict[str, dict[CounterKey, float]] = {}
+        for e in events:
+            for i in range(len(e)):
+                one = e.take(np.array([i]))
+                try:
+                    _, changes = self._fold(partition, [one], table.n, duplicates)
+                except Exception as exc:
+                    message = e.messages[int(one.picked[0])]
+                    letter = DeadLetter(DeadLetterReason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:200])
+                    result.dead.append((message, letter))
+                    metrics.DEADLETTERS.labels(self.short_names[message.topic], letter.reason.value).inc()
+                    continue
+                rows.append(one.rows)
+                for experiment_id, changed in changes.items():
+                    mine = counters.setdefault(experiment_id, {})
+                    for ns, name, key, by in changed:
+                        mine[(ns, name, key)] = mine.get((ns, name, key), 0) + by
+        changed = np.union1d(np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64),
+                             np.arange(first_new, table.n))
+        # Every window write of these rows is in their full id windows: a snapshot of the rows' windows.
+        chunks = table.delta_chunks(changed, first_new, None)
+        return chunks, {e: list(_counter_list(c)) for e, c in counters.items()}
+
+    def _count_predictions(self, table: UnitTable, e: _Events,
+                           changes: dict[str, dict[CounterKey, float]]) -> Callable[[], None]:
+        """Count applied predictions into their partials' counters; returns what moves the
+        worker's metrics by them (called once the batch is folded for good)."""
+        if not len(e):
+            return lambda: None
+        d, at = e.decoded, e.picked
+        experiments = table.columns["experiment"][e.rows]
+        status = d.strings["status"]
+        latency = d.numbers["latency_ms"][at]
+        zero = latency == 0
+        with np.errstate(divide="ignore"):
+            bucket = np.where(zero, 0, np.ceil(np.log(latency) / _LOG_GAMMA)).astype(np.int64)
+        for (x, v, s), n in _count_by(experiments, e.variants, status.codes[at]):
+            _add(changes, table.experiments[x], ("status", table.variants[v], status.values[s]), n)
+        for (x, v, z, k), n in _count_by(experiments, e.variants, zero.astype(np.int64), bucket):
+            _add(changes, table.experiments[x], ("latency", table.variants[v], "z" if z else str(k)), n)
+        scored = np.flatnonzero(~d.nulls["score"][at])
+        if scored.size:
+            score = d.numbers["score"][at][scored]
+            bins = np.minimum(SCORE_BINS - 1, (np.clip(score, 0.0, 1.0) * SCORE_BINS).astype(np.int64))
+            hours = d.numbers["event_time"][at][scored] // HOUR_MS
+            for (x, v, h, b), n in _count_by(experiments[scored], e.variants[scored], hours, bins):
+                _add(changes, table.experiments[x], ("score", table.variants[v], f"{h}:{b}"), n)
+        # Label values are bounded by the config: a router's typo must not create series.
+        seconds = latency / 1000
+        bucket_index = np.searchsorted(np.asarray(metrics.PREDICTION_LATENCY.bounds), seconds, side="left")
+        labels = {}
+        for x in np.unique(experiments).tolist():
+            config = self.experiments.get(table.experiments[x])
+            for v in np.unique(e.variants).tolist():
+                name = table.variants[v]
+                labels[(x, v)] = (table.experiments[x], name if config is not None and name in config.weights else "unknown")
+        statuses = [(labels[(x, v)], status.values[s], n) for (x, v, s), n in _count_by(experiments, e.variants, status.codes[at])]
+        buckets: dict[tuple[str, str], dict[int, int]] = {}
+        for (x, v, i), n in _count_by(experiments, e.variants, bucket_index):
+            histogram = buckets.setdefault(labels[(x, v)], {})
+            histogram[i] = histogram.get(i, 0) + n
+        seconds_by_label: dict[tuple[str, str], float] = {}
+        for (x, v), _ in _count_by(experiments, e.variants):
+            mine = (experiments == x) & (e.variants == v)
+            seconds_by_label[labels[(x, v)]] = seconds_by_label.get(labels[(x, v)], 0.0) + float(seconds[mine].sum())
+
+        def observe() -> None:
+            for (experiment_id, label), name, n in statuses:
+                metrics.PREDICTIONS.labels(experiment_id, label, name).inc(n)
+            for key, total_s in seconds_by_label.items():
+                metrics.PREDICTION_LATENCY.add(key, buckets.get(key, {}), total_s)
+        return observe
+
+
+def _metric_names(e: _Events) -> np.ndarray:
+    if e.kind is not EventKind.OUTCOME:
+        return np.full(len(e), None, dtype=object)
+    metric = e.decoded.strings["metric"]
+    return np.asarray(metric.values, dtype=object)[metric.codes[e.picked]]
+
+
+def _tracked_columns(table: UnitTable, configs: list, status: np.ndarray, metric: StringColumn,
+                     experiments: np.ndarray, metrics_: np.ndarray) -> np.ndarray:
+    """Per outcome, the totals column of its metric when its experiment tracks it, else -1."""
+    lookup = np.full((len(configs), max(1, len(metric.values))), -1, dtype=np.int64)
+    for x, config in enumerate(configs):
+        if status[x] != _ACTIVE:
+            continue
+        tracked = outcome_names(config.metrics)
+        for m, name in enumerate(metric.values):
+            if name in tracked:
+                lookup[x, m] = table.metric_code(name)
+    return lookup[experiments, metrics_]
+
+
+def _count_shadow_runs(table: UnitTable, e: _Events, changes: dict[str, dict[CounterKey, float]]) -> None:
+    """Count applied shadow runs into their partials' counters: what the shadow_disagreement
+    guardrail reads (runs, challenger statuses, comparisons, disagreements). Score and latency
+    differences are the offline report's (shadow_pairs in ClickHouse)."""
+    if not len(e):
+        return
+    d, at = e.decoded, e.picked
+    experiments = table.columns["experiment"][e.rows]
+    model, version, status = d.strings["challenger_model"], d.strings["challenger_version"], d.strings["challenger_status"]
+    challenger = {}
+    for (x, m, v), n in _count_by(experiments, model.codes[at], version.codes[at]):
+        name = challenger[(m, v)] = f"{model.values[m]}:{version.values[v]}"
+        _add(changes, table.experiments[x], ("shadow", name, "runs"), n)
+    for (x, m, v, s), n in _count_by(experiments, model.codes[at], version.codes[at], status.codes[at]):
+        _add(changes, table.experiments[x], ("shadow", challenger[(m, v)], status.values[s]), n)
+    ok = np.asarray([value == "ok" for value in status.values] or [False])[status.codes[at]]
+    champion_label, challenger_label = _same_codes(d.strings["champion_label"], d.strings["challenger_label"], at)
+    labelled = ok & (champion_label >= 0) & (challenger_label >= 0)
+    scored = ok & ~labelled & ~d.nulls["champion_score"][at] & ~d.nulls["challenger_score"][at]
+    compared = labelled | scored
+    disagree = np.where(labelled, champion_label != challenger_label,
+                        (d.numbers["champion_score"][at] >= SCORE_DECISION_THRESHOLD)
+                        != (d.numbers["challenger_score"][at] >= SCORE_DECISION_THRESHOLD))
+    picked = np.flatnonzero(compared)
+    for (x, m, v, dis), n in _count_by(experiments[picked], model.codes[at][picked], version.codes[at][picked],
+                                       disagree[picked].astype(np.int64)):
+        _add(changes, table.experiments[x], ("shadow", challenger[(m, v)], "compared"), n)
+        _add(changes, table.experiments[x], ("shadow", challenger[(m, v)], "disagree"), n if dis else 0)
+
+
+def _same_codes(a: StringColumn, b: StringColumn, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two string columns' codes (at ``at``) in one code space, so equal strings get equal codes."""
+    space = {value: i for i, value in enumerate(dict.fromkeys([*a.values, *b.values]))}
+    map_a = np.array([space[v] for v in a.values] + [-1], dtype=np.int64)
+    map_b = np.array([space[v] for v in b.values] + [-1], dtype=np.int64)
+    return map_a[a.codes[at]], map_b[b.codes[at]]
+
+
+def _count_by(*columns: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
+    """The distinct combinations of the columns' (integer) values and how often each occurs."""
+    if columns[0].size == 0:
+        return []
+    # One int64 key per row in mixed radix (one np.unique of a vector, not of rows: ~10x faster).
+    lows = [int(c.min()) for c in columns]
+    spans = [int(c.max()) - low + 1 for c, low in zip(columns, lows)]
+    if math.prod(spans) >= 2**62:
+        distinct, counts = np.unique(np.stack(columns, axis=1).astype(np.int64), axis=0, return_counts=True)
+        return [(tuple(row), n) for row, n in zip(distinct.tolist(), counts.tolist())]
+    key = np.zeros(columns[0].size, dtype=np.int64)
+    for c, low, span in zip(columns, lows, spans):
+        key = key * span + (c.astype(np.int64) - low)
+    distinct, counts = np.unique(key, return_counts=True)
+    digits = []
+    for low, span in zip(reversed(lows), reversed(spans)):
+        distinct, digit = np.divmod(distinct, span)
+        digits.append((digit + low).tolist())
+    return list(zip(zip(*reversed(digits)), counts.tolist()))
+
+
+def _add(changes: dict[str, dict[CounterKey, float]], experiment_id: str, key: CounterKey, by: int) -> None:
+    mine = changes.setdefault(experiment_id, {})
+    mine[key] = mine.get(key, 0) + by
+
+
+def _counter_list(counters: dict[CounterKey, float]) -> Iterable[list]:
+    return ([ns, name, key, value] for (ns, name, key), value in counters.items())
+
+
+def _partition_chunk(state: PartitionState, counters: dict[str, list]) -> bytes:
+    return pack({"kind": "partition", "positions": state.positions, "counters": counters}, {})
+
+
+def _move(partial: Partial, table: UnitTable, config: Any, before: RowsView, after: RowsView) -> None:
+    """Move an experiment's partial by what its rows changed from ``before`` to ``after``."""
+    if after.rows.size == 0:
+        return
+    partial.watermark_ms = max(partial.watermark_ms, int(after.last_ms.max()))
+    newly = (before.variant == NOT_EXPOSED) & (after.variant != NOT_EXPOSED)
+    if newly.any():
+        first = int(after.exposed_ms[newly].min())
+        partial.first_exposure_ms = first if partial.first_exposure_ms is None else min(partial.first_exposure_ms, first)
+    fates = (after.fates - before.fates).sum(axis=0)
+    for fate, by in zip(FATES, fates.tolist()):
+        if by:
+            total = partial.fates.get(fate.value, 0) + by
+            if total:
+                partial.fates[fate.value] = total
+            else:
+                partial.fates.pop(fate.value, None)
+    partial.inconsistencies += int((after.inconsistencies - before.inconsistencies).sum())
+    exposed = np.flatnonzero(after.variant != NOT_EXPOSED)
+    if exposed.size == 0:
+        return
+    was_exposed = before.variant[exposed] != NOT_EXPOSED
+    variants = after.variant[exposed]
+    column = table.metric_column
+    moved = {metric.name: terms(metric, column, after.totals[exposed])
+             - terms(metric, column, before.totals[exposed]) * was_exposed[:, None] for metric in config.metrics}
+    for v in np.unique(variants).tolist():
+        mine = variants == v
+        arm = partial.variants.setdefault(table.variants[v], VariantPartial())
+        arm.units += int(np.count_nonzero(mine & ~was_exposed))
+        for metric in config.metrics:
+            change = moved[metric.name][mine].sum(axis=0)
+            sums = arm.sums.setdefault(metric.name, [0.0] * change.size)
+            for i, by in enumerate(change.tolist()):
+                sums[i] += by
 
 
 def expired(configs: dict[str, Any], now_ms: int, retention_s: float) -> set[str]:

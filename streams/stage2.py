@@ -20,8 +20,7 @@ from analysis.guardrails import (DEFAULT_DRIFT_PSI, DEFAULT_SHADOW_DISAGREEMENT,
                                  GuardrailSpec, GuardrailStates, canary_next, read_guardrails, transition)
 from analysis.sketch import QuantileSketch
 from analysis.verdict import Decision, DecisionPolicy, Verdict, decide
-from streams.partials import Partial, merge_all
-from streams.units import LATENCY_SKETCH, SCORE_BINS
+from streams.partials import LATENCY_SKETCH, SCORE_BINS, Partial, merge_all
 
 _VERDICT_SYMBOL = {Verdict.CONTINUE: "continue", Verdict.SHIP: "ship", Verdict.STOP_HARM: "stop_harm",
                    Verdict.INCONCLUSIVE: "inconclusive"}

@@ -10,6 +10,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.codec import DeadLetter, EventKind
 from streams.settings import Settings
+from streams.state_log import StateLogError, ensure_state_topic
 
 log = logging.getLogger("abstream.topics")
 
@@ -27,6 +28,7 @@ DECISIONS = "decisions"
 ALERTS = "alerts"
 KILLSWITCH = "killswitch"
 ALLOCATIONS = "allocations"
+STAGE1_STATE = "stage1-state"
 # Internal and output topics: (partitions from settings?, extra topic configs).
 _DERIVED_TOPICS = {
     DEADLETTER: {},
@@ -106,6 +108,11 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
             f"topics {sorted(wrong)} have {sorted(set(wrong.values()))} partitions, expected {settings.partitions} "
             "(ABSTREAM_PARTITIONS): input topics must be co-partitioned"
         )
+    # Stage 1's state log: one partition per input partition, and never a record deleted by the broker.
+    try:
+        ensure_state_topic(settings, settings.topic(STAGE1_STATE), settings.partitions, timeout_s)
+    except StateLogError as exc:
+        raise TopicError(str(exc)) from None
 
 
 def _list_topics(admin: AdminClient, timeout_s: float, refused: list[str]):

@@ -1,7 +1,6 @@
-"""Unit state: a unit's exposure to an experiment and its attributed metric totals.
+"""Unit state: each unit's exposure and attributed metric totals, one table per input partition.
 
-One :class:`UnitState` per (experiment, unit) lives with the unit's partition. The rules,
-all in event time:
+One row per (experiment, unit) lives with the unit's partition. The rules, all in event time:
 
 - Exposure: the first assignment processed for (experiment, unit) fixes the unit's variant
   and exposure time. A later assignment naming another variant, and any prediction naming
@@ -11,65 +10,50 @@ all in event time:
   t0 <= t < t0 + attribution window. One before the exposure counts as ``before_exposure``,
   one after the window as ``after_window``; neither moves a statistic.
 - An outcome for a unit whose exposure has not been seen yet waits in the unit's state
-  (``awaiting_exposure``) and is judged by the rules above once the exposure arrives.
-- Duplicates, two ways, both stored with the totals (one record, written and recovered
-  together):
-  - replays: the state keeps, per input topic, the offset of the newest event it applied.
-    A unit lives in one partition of each co-partitioned topic, read in offset order, so
-    an event at or below that offset was applied before (a redelivery after a crash or a
-    hand-over), whatever the number of events in between;
-  - re-sends: the state keeps an 8-byte hash of the ids of its 64 most recent events, so
-    an event a producer sent twice (two offsets, one event_id) is recognised if its twin
-    is among them. Kept as a hash because the dedup window was most of the state's bytes
-    (bench/PROFILE.md); two distinct ids collide with probability ~64/2^64 per event.
-  Offsets restart at 0 when a topic is deleted and created again: an input topic must
-  not be recreated under a running deployment's prefix (its unit changelog would then
-  skip the new events).
+  (``awaiting_exposure``, at most MAX_AWAITING_OUTCOMES, then ``dropped_awaiting``) and is
+  judged by the rules above once the exposure arrives.
+- Re-sends: a row keeps a 64-bit hash of the identity (kind and event_id) of its
+  RECENT_EVENT_IDS most recent events; an event whose identity is among them is a duplicate
+  (a producer that sent it twice) and changes nothing. Two distinct identities collide with
+  probability ~64/2^64 per event. Replays of messages (a redelivery after a crash or a
+  hand-over) are recognised earlier, by the partition's input positions (streams/stage1.py).
 
-- Guardrail counts live in the unit state too, as sparse counters (prediction status,
-  latency sketch buckets, prediction score bins per event-time hour, shadow comparisons per
-  challenger), so that they are exactly as idempotent as the metric totals. They are one
-  flat dict keyed by (namespace, variant or challenger, key).
+Why columns: the stage-1 fold was one Python object per unit, decoded, copied, applied and
+encoded per touched unit, ~22 us per event in all (bench/PROFILE.md), while the throughput
+target leaves ~11 us per event for everything a worker does. Here a batch is applied in
+*rounds*: round r applies the r-th event of every touched row at once with numpy, so the
+result is exactly that of applying each row's events one by one in order (the rules above are
+sequential per unit: first assignment wins, the dedup window slides), while the Python work
+per batch grows with the number of rounds (the most events one unit has in the batch), not
+with the number of events. Only outcomes that wait for an exposure take a Python path (a
+list per waiting row).
 
-A unit's *contribution* to the experiment statistics is a pure function of its state; the
-stage-1 fold adds (contribution after a batch - contribution before) to the partials, once
-per touched unit per batch. Counters are linear, so the fold does not take them away and
-add them back (that was the fold's largest cost after decoding): each counter change is
-also written to a *journal*, and the journal is what the partial receives.
+Guardrail counters (prediction status, latency, scores, shadow comparisons) are linear
+sums that depend on the event alone, so they are not kept per unit but per partition, in the
+partition's partials (streams/stage1.py), and are made durable with the rows they belong to.
+
+Stored form: :meth:`UnitTable.delta_chunks` and :meth:`UnitTable.snapshot_chunks` give the
+chunks of a state-log transaction (streams/state_log.py), :meth:`UnitTable.apply_chunk` reads
+them back. A chunk is a JSON header and raw little-endian arrays of allow-listed dtypes: no
+pickle, so whoever can write to the state topic cannot run code in a worker.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import pickle
-from dataclasses import dataclass, field
+import json
+import struct
+from dataclasses import dataclass
 from enum import Enum
+from typing import Iterable
 
-from analysis.sketch import QuantileSketch
+import numpy as np
 
 RECENT_EVENT_IDS = 64
-_ID_BYTES = 8
 MAX_AWAITING_OUTCOMES = 64
-LATENCY_SKETCH = QuantileSketch(relative_accuracy=0.02)
-SCORE_BINS = 20
-HOUR_MS = 3_600_000
-# Shadow runs are compared on labels when both models give one, else on scores, which
-# disagree when they fall on different sides of this decision threshold.
-SCORE_DECISION_THRESHOLD = 0.5
-# The input topics in a fixed order, for the per-topic offsets (see streams.stage1).
-TOPIC_SLOTS = 4
-
-CounterKey = tuple[str, str, str]  # (namespace, variant or challenger, key)
-
-
-def score_bin(score: float) -> int:
-    """The bin of a score in [0, 1]; scores outside count in the end bins (clamped first:
-    a huge finite score times the bin count would overflow)."""
-    return min(SCORE_BINS - 1, int(min(1.0, max(0.0, score)) * SCORE_BINS))
-
-
-def id_hash(identity: str) -> bytes:
-    return hashlib.blake2b(identity.encode(), digest_size=_ID_BYTES).digest()
+NOT_EXPOSED = -1
+# Rows per chunk: a chunk must stay well under Kafka's 1 MB record limit with unit ids of up to
+# 256 bytes (a delta row is ~120 bytes of columns, a snapshot row ~650 with its id window).
+DELTA_ROWS_PER_CHUNK = 2000
+SNAPSHOT_ROWS_PER_CHUNK = 800
 
 
 class OutcomeFate(str, Enum):
@@ -80,165 +64,446 @@ class OutcomeFate(str, Enum):
     DROPPED_AWAITING = "dropped_awaiting"
 
 
-@dataclass(slots=True)  # one per unit in memory: no per-instance __dict__
-class UnitState:
-    """Mutable while a batch is folded in (on a :meth:`copy`); stored as bytes (:meth:`to_bytes`)."""
+FATES = tuple(OutcomeFate)
+_ATTRIBUTED, _BEFORE, _AFTER, _AWAITING, _DROPPED = range(len(FATES))
 
-    variant: str | None = None
-    exposed_ms: int | None = None
-    totals: dict[str, float] = field(default_factory=dict)
-    awaiting: list[tuple[str, int, float]] = field(default_factory=list)
-    fates: dict[str, int] = field(default_factory=dict)
-    inconsistencies: int = 0
-    recent_ids: bytearray = field(default_factory=bytearray)
-    last_ms: int = 0
-    counters: dict[CounterKey, float] = field(default_factory=dict)
-    offsets: list[int] = field(default_factory=lambda: [-1] * TOPIC_SLOTS)
-    # Predictions per variant they named, kept apart from the counters so that
-    # other_variant_predictions does not scan them.
-    predictions: dict[str, int] = field(default_factory=dict)
-    # Where counter changes are also recorded while a batch is folded (see the module doc).
-    journal: dict[CounterKey, float] | None = field(default=None, compare=False, repr=False)
 
-    def copy(self) -> "UnitState":
-        # Slot by slot, past the dataclass __init__ (the copy is made once per touched unit per batch).
-        other = object.__new__(UnitState)
-        other.variant, other.exposed_ms, other.inconsistencies, other.last_ms = \
-            self.variant, self.exposed_ms, self.inconsistencies, self.last_ms
-        other.totals, other.awaiting, other.fates, other.recent_ids = \
-            self.totals.copy(), self.awaiting.copy(), self.fates.copy(), self.recent_ids.copy()
-        other.counters, other.offsets, other.predictions, other.journal = \
-            self.counters.copy(), self.offsets.copy(), self.predictions.copy(), None
-        return other
+class EventCode:
+    """The kind of an event in a round (small ints, for numpy masks)."""
 
-    def contribution_copy(self) -> "UnitState":
-        """A copy of what the unit's contribution to its partial depends on (variant, exposure,
-        totals, fates, inconsistencies, predictions, last event time): the "before" of
-        :meth:`Partial.move_unit`. Counters, dedup state and offsets are left out: counters
-        move the partial by the journal, and copying them was most of a full copy's cost."""
-        other = object.__new__(UnitState)
-        other.variant, other.exposed_ms, other.inconsistencies, other.last_ms = \
-            self.variant, self.exposed_ms, self.inconsistencies, self.last_ms
-        other.totals, other.fates, other.predictions = self.totals.copy(), self.fates.copy(), self.predictions.copy()
-        other.awaiting, other.recent_ids, other.counters, other.offsets, other.journal = [], bytearray(), {}, [], None
-        return other
+    ASSIGNMENT, PREDICTION, SHADOW, OUTCOME = 0, 1, 2, 3
 
-    def count(self, key: CounterKey, by: float = 1) -> None:
-        counters = self.counters
-        counters[key] = counters.get(key, 0) + by
-        if self.journal is not None:
-            self.journal[key] = self.journal.get(key, 0) + by
 
-    def applied_before(self, slot: int, offset: int) -> bool:
-        """True for a redelivered message (at or below the newest offset applied from its
-        topic); else remembers its offset."""
-        if offset <= self.offsets[slot]:
-            return True
-        self.offsets[slot] = offset
-        return False
+@dataclass(frozen=True)
+class Rules:
+    """What the experiments' configs say about attribution, per experiment code of a table:
+    the attribution window and the outcome names whose totals are kept."""
 
-    def first_time(self, identity: str, time_ms: int) -> bool:
-        """True the first time an event identity is seen among the recent ones (and
-        remembers it and its time)."""
-        digest = id_hash(identity)
-        ids = self.recent_ids
-        at = ids.find(digest)
-        while at != -1:
-            if at % _ID_BYTES == 0:
-                return False
-            at = ids.find(digest, at + 1)
-        self.last_ms = max(self.last_ms, time_ms)
-        ids += digest
-        if len(ids) > RECENT_EVENT_IDS * _ID_BYTES:
-            del ids[:_ID_BYTES]
-        return True
+    window_ms: np.ndarray
+    tracked: list[frozenset[str]]
 
-    def expose(self, variant: str, time_ms: int, window_ms: int, metrics: frozenset[str]) -> None:
-        if self.variant is not None:
-            if variant != self.variant:
-                self.inconsistencies += 1
+
+@dataclass
+class Round:
+    """At most one event per row, in the order the row saw them (see the module doc).
+
+    ``variants``: the table's variant code named by an assignment or prediction (-1 otherwise);
+    ``metrics``: the totals column of an outcome's metric when its experiment tracks it, else -1;
+    ``metric_names``: the outcome's metric name (an object array: outcomes that must wait keep it).
+    """
+
+    rows: np.ndarray
+    kinds: np.ndarray
+    hashes: np.ndarray
+    times: np.ndarray
+    variants: np.ndarray
+    metrics: np.ndarray
+    values: np.ndarray
+    metric_names: np.ndarray
+
+
+# Columns per row: name -> (dtype, initial value). Width-varying ones (totals, predicted, ring,
+# fates) are 2-D; their widths are kept in UnitTable.
+_COLUMNS = {
+    "experiment": ("<i4", 0),
+    "variant": ("<i4", NOT_EXPOSED),
+    "exposed_ms": ("<i8", 0),
+    "last_ms": ("<i8", 0),
+    "inconsistencies": ("<i8", 0),
+    "fates": ("<i8", 0),
+    "totals": ("<f8", 0.0),
+    "predicted": ("<i8", 0),
+    "ring": ("<u8", 0),
+    "ring_head": ("|u1", 0),
+    "ring_count": ("|u1", 0),
+}
+_DELTA_COLUMNS = ("experiment", "variant", "exposed_ms", "last_ms", "inconsistencies", "fates", "totals", "predicted",
+                  "ring_head", "ring_count")
+
+
+class UnitTable:
+    """The unit states of one input partition, as numpy columns indexed by row."""
+
+    def __init__(self) -> None:
+        self.experiments: list[str] = []
+        self._experiment_codes: dict[str, int] = {}
+        self.variants: list[str] = []
+        self._variant_codes: dict[str, int] = {}
+        self.metrics: list[str] = []  # outcome names with a totals column
+        self._metric_codes: dict[str, int] = {}
+        self._rows: list[dict[str, int]] = []  # per experiment code: unit_id -> row
+        self.unit_ids: list[str] = []  # per row
+        self.awaiting: dict[int, list[tuple[str, int, float]]] = {}
+        self._awaiting_changed: set[int] = set()  # rows whose waiting outcomes the next delta must carry
+        self.n = 0
+        self._cap = 0
+        self.columns: dict[str, np.ndarray] = {}
+        self._allocate(0, widths={"fates": len(FATES), "totals": 0, "predicted": 0, "ring": RECENT_EVENT_IDS})
+
+    # --- names and rows ---------------------------------------------------------------------
+
+    def experiment_code(self, experiment_id: str) -> int:
+        code = self._experiment_codes.get(experiment_id)
+        if code is None:
+            code = self._experiment_codes[experiment_id] = len(self.experiments)
+            self.experiments.append(experiment_id)
+            self._rows.append({})
+        return code
+
+    def variant_code(self, name: str) -> int:
+        code = self._variant_codes.get(name)
+        if code is None:
+            code = self._variant_codes[name] = len(self.variants)
+            self.variants.append(name)
+            self._widen("predicted", len(self.variants))
+        return code
+
+    def metric_code(self, name: str) -> int:
+        code = self._metric_codes.get(name)
+        if code is None:
+            code = self._metric_codes[name] = len(self.metrics)
+            self.metrics.append(name)
+            self._widen("totals", len(self.metrics))
+        return code
+
+    def rows_of(self, experiment_code: int, unit_ids: Iterable[str]) -> np.ndarray:
+        """The row of each unit of the experiment, new rows for units not seen before."""
+        index, created = self._rows[experiment_code], []
+        rows = []
+        for unit_id in unit_ids:
+            row = index.get(unit_id)
+            if row is None:
+                row = index[unit_id] = self.n + len(created)
+                created.append(unit_id)
+            rows.append(row)
+        if created:
+            first = self.n
+            self._ensure(first + len(created))
+            self.n = first + len(created)
+            self.unit_ids.extend(created)
+            self.columns["experiment"][first:self.n] = experiment_code
+        return np.asarray(rows, dtype=np.int64)
+
+    def metric_column(self, name: str) -> int:
+        """The totals column of an outcome name, -1 if it has none."""
+        return self._metric_codes.get(name, -1)
+
+    def rows_of_experiment(self, experiment_code: int) -> np.ndarray:
+        return np.flatnonzero(self.columns["experiment"][:self.n] == experiment_code)
+
+    # --- applying events --------------------------------------------------------------------
+
+    def apply_round(self, events: Round, rules: Rules) -> np.ndarray:
+        """Apply one event per row (see :class:`Round`); returns which events were applied
+        (False: a re-send whose identity the row had seen). Every variant and metric column the
+        events name must exist before (a round holds on to the columns)."""
+        c = self.columns
+        rows, kinds = events.rows, events.kinds
+        ring = c["ring"]
+        first = ~(ring[rows] == events.hashes[:, None]).any(axis=1)
+        applied = rows[first]
+        head, count = c["ring_head"][applied].astype(np.int64), c["ring_count"][applied].astype(np.int64)
+        ring[applied, (head + count) % RECENT_EVENT_IDS] = events.hashes[first]
+        full = count == RECENT_EVENT_IDS
+        c["ring_head"][applied] = np.where(full, (head + 1) % RECENT_EVENT_IDS, head)
+        c["ring_count"][applied] = np.where(full, count, count + 1)
+        c["last_ms"][applied] = np.maximum(c["last_ms"][applied], events.times[first])
+
+        assignment = np.flatnonzero(first & (kinds == EventCode.ASSIGNMENT))
+        if assignment.size:
+            self._expose(rows[assignment], events.variants[assignment], events.times[assignment], rules)
+        prediction = np.flatnonzero(first & (kinds == EventCode.PREDICTION))
+        if prediction.size:
+            # One event per row in a round: fancy-index += adds once per row.
+            c["predicted"][rows[prediction], events.variants[prediction]] += 1
+        outcome = np.flatnonzero(first & (kinds == EventCode.OUTCOME))
+        if outcome.size:
+            self._outcomes(rows[outcome], events.times[outcome], events.values[outcome], events.metrics[outcome],
+                           events.metric_names[outcome], rules)
+        return first
+
+    def _expose(self, rows: np.ndarray, variants: np.ndarray, times: np.ndarray, rules: Rules) -> None:
+        c = self.columns
+        current = c["variant"][rows]
+        fresh = current == NOT_EXPOSED
+        c["inconsistencies"][rows[~fresh & (current != variants)]] += 1
+        exposed = rows[fresh]
+        c["variant"][exposed] = variants[fresh]
+        c["exposed_ms"][exposed] = times[fresh]
+        if self.awaiting:
+            for row in exposed.tolist():
+                if row in self.awaiting:
+                    self._judge_awaiting(row, rules)
+
+    def _judge_awaiting(self, row: int, rules: Rules) -> None:
+        waiting = self.awaiting.pop(row)
+        self._awaiting_changed.add(row)
+        self.columns["fates"][row, _AWAITING] -= len(waiting)
+        tracked = rules.tracked[int(self.columns["experiment"][row])]
+        for metric, time_ms, value in waiting:
+            self._outcomes(np.array([row]), np.array([time_ms]), np.array([value]),
+                           np.array([self.metric_column(metric) if metric in tracked else -1]),
+                           np.array([metric], dtype=object), rules)
+
+    def _outcomes(self, rows: np.ndarray, times: np.ndarray, values: np.ndarray, metrics: np.ndarray,
+                  names: np.ndarray, rules: Rules) -> None:
+        c = self.columns
+        exposed_ms = c["exposed_ms"][rows]
+        windows = rules.window_ms[c["experiment"][rows]]
+        fate = np.where(times < exposed_ms, _BEFORE, np.where(times >= exposed_ms + windows, _AFTER, _ATTRIBUTED))
+        judged = np.flatnonzero(c["variant"][rows] != NOT_EXPOSED)
+        c["fates"][rows[judged], fate[judged]] += 1
+        counted = judged[(fate[judged] == _ATTRIBUTED) & (metrics[judged] >= 0)]
+        c["totals"][rows[counted], metrics[counted]] += values[counted]
+        if judged.size == rows.size:
             return
-        self.variant, self.exposed_ms = variant, time_ms
-        awaiting, self.awaiting = self.awaiting, []
-        self._count(OutcomeFate.AWAITING_EXPOSURE, -len(awaiting))
-        for metric, t, value in awaiting:
-            self.outcome(metric, t, value, window_ms, metrics)
+        for i in np.flatnonzero(c["variant"][rows] == NOT_EXPOSED).tolist():
+            row = int(rows[i])
+            waiting = self.awaiting.setdefault(row, [])
+            self._awaiting_changed.add(row)
+            if len(waiting) >= MAX_AWAITING_OUTCOMES:
+                c["fates"][row, _DROPPED] += 1
+                continue
+            waiting.append((str(names[i]), int(times[i]), float(values[i])))
+            c["fates"][row, _AWAITING] += 1
 
-    def predicted(self, prediction: dict) -> None:
-        # Predictions naming another variant than the exposure are counted from
-        # self.predictions (see other_variant_predictions), whichever of the two arrived first.
-        variant = prediction["variant"]
-        self.predictions[variant] = self.predictions.get(variant, 0) + 1
-        self.count(("status", variant, prediction["status"]))
-        key = LATENCY_SKETCH.key(prediction["latency_ms"])
-        self.count(("latency", variant, "z" if key is None else str(key)))
-        if prediction["score"] is not None:
-            hour = prediction["event_time"] // HOUR_MS
-            self.count(("score", variant, f"{hour}:{score_bin(prediction['score'])}"))
+    # --- undo ---------------------------------------------------------------------------------
 
-    def shadowed(self, run: dict) -> None:
-        challenger = f"{run['challenger_model']}:{run['challenger_version']}"
-        self.count(("shadow", challenger, "runs"))
-        self.count(("shadow", challenger, run["challenger_status"]))
-        if run["challenger_status"] != "ok":
-            return
-        # What the shadow_disagreement guardrail reads; score and latency differences are the
-        # offline report's (shadow_pairs in ClickHouse), not counted per event here.
-        champion, challenger_score = run["champion_score"], run["challenger_score"]
-        if run["champion_label"] is not None and run["challenger_label"] is not None:
-            self.count(("shadow", challenger, "compared"))
-            self.count(("shadow", challenger, "disagree"), int(run["champion_label"] != run["challenger_label"]))
-        elif champion is not None and challenger_score is not None:
-            self.count(("shadow", challenger, "compared"))
-            self.count(("shadow", challenger, "disagree"),
-                       int((champion >= SCORE_DECISION_THRESHOLD) != (challenger_score >= SCORE_DECISION_THRESHOLD)))
+    def save(self, rows: np.ndarray) -> "_Saved":
+        """What :meth:`restore` needs to put these rows back as they are now."""
+        return _Saved(rows, {name: column[rows].copy() for name, column in self.columns.items()},
+                      {row: list(self.awaiting[row]) for row in rows.tolist() if row in self.awaiting})
 
-    def outcome(self, metric: str, time_ms: int, value: float, window_ms: int, metrics: frozenset[str]) -> None:
-        if self.exposed_ms is None:
-            if len(self.awaiting) >= MAX_AWAITING_OUTCOMES:
-                self._count(OutcomeFate.DROPPED_AWAITING, 1)
-                return
-            self.awaiting.append((metric, time_ms, value))
-            self._count(OutcomeFate.AWAITING_EXPOSURE, 1)
-        elif time_ms < self.exposed_ms:
-            self._count(OutcomeFate.BEFORE_EXPOSURE, 1)
-        elif time_ms >= self.exposed_ms + window_ms:
-            self._count(OutcomeFate.AFTER_WINDOW, 1)
-        else:
-            self._count(OutcomeFate.ATTRIBUTED, 1)
-            if metric in metrics:
-                self.totals[metric] = self.totals.get(metric, 0.0) + value
+    def restore(self, saved: "_Saved") -> None:
+        for name, values in saved.columns.items():
+            self.columns[name][saved.rows] = values
+        for row in saved.rows.tolist():
+            if row in saved.awaiting:
+                self.awaiting[row] = saved.awaiting[row]
+            else:
+                self.awaiting.pop(row, None)
 
-    def _count(self, fate: OutcomeFate, by: int) -> None:
-        if by:
-            self.fates[fate.value] = self.fates.get(fate.value, 0) + by
+    # --- what rows contribute ---------------------------------------------------------------
 
-    def other_variant_predictions(self) -> int:
-        """Predictions that name another variant than the unit's exposure (0 while unexposed).
+    def other_variant_predictions(self, rows: np.ndarray) -> np.ndarray:
+        """Per row: predictions naming another variant than the row's exposure (0 while unexposed).
         A prediction and its unit's assignment travel on different topics, and Kafka orders
         nothing across topics, so this must not depend on which came first."""
-        if self.variant is None or not self.predictions:
-            return 0
-        return sum(self.predictions.values()) - self.predictions.get(self.variant, 0)
+        c = self.columns
+        predicted = c["predicted"][rows]
+        variant = c["variant"][rows]
+        if predicted.shape[1] == 0:
+            return np.zeros(rows.size, dtype=np.int64)
+        own = predicted[np.arange(rows.size), np.maximum(variant, 0)]
+        return np.where(variant == NOT_EXPOSED, 0, predicted.sum(axis=1) - own)
 
-    def to_bytes(self) -> bytes:
-        """The stored form: a pickle (protocol 5) of a tuple of plain values. Pickle, not JSON:
-        the fold encodes every touched unit and decodes it on its next touch, and JSON took
-        ~7.5 us each way against ~2 and ~3.5 (bench/PROFILE.md); the protocol stays readable
-        by later Pythons. :meth:`from_bytes` refuses any record that names a class or function."""
-        return pickle.dumps((self.variant, self.exposed_ms, self.totals, self.awaiting, self.fates, self.inconsistencies,
-                             bytes(self.recent_ids), self.last_ms, self.counters, self.offsets, self.predictions),
-                            protocol=5)
+    def view(self, rows: np.ndarray, *, blank: bool = False) -> "RowsView":
+        """A copy of what the rows contribute to their partials now (``blank``: what a row
+        contributes before its first event: nothing)."""
+        c = self.columns
+        if blank:
+            zeros = np.zeros(rows.size, dtype=np.int64)
+            return RowsView(rows, c["experiment"][rows].copy(), np.full(rows.size, NOT_EXPOSED, dtype=np.int32), zeros,
+                            zeros, np.zeros((rows.size, c["totals"].shape[1])), np.zeros((rows.size, len(FATES)), np.int64),
+                            zeros)
+        return RowsView(rows, c["experiment"][rows].copy(), c["variant"][rows].copy(), c["exposed_ms"][rows].copy(),
+                        c["last_ms"][rows].copy(), c["totals"][rows].copy(), c["fates"][rows].copy(),
+                        c["inconsistencies"][rows] + self.other_variant_predictions(rows))
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "UnitState":
-        v, t, m, a, f, x, ids, last, counters, offsets, predictions = _PlainValues(io.BytesIO(data)).load()
-        return cls(v, t, m, a, f, x, bytearray(ids), last, counters, offsets, predictions)
+    # --- stored form ------------------------------------------------------------------------
+
+    def delta_chunks(self, rows: np.ndarray, first_new_row: int,
+                     window_writes: tuple[np.ndarray, np.ndarray] | None) -> list[bytes]:
+        """Chunks that bring a copy of this table from before a batch to now: ``rows`` are the
+        rows the batch changed (sorted; every row from ``first_new_row`` on is new and among
+        them), ``window_writes`` the (row, hash) appended to the id windows, in order (None:
+        carry the rows' whole windows)."""
+        chunks = []
+        for start in range(0, rows.size, DELTA_ROWS_PER_CHUNK):
+            part = rows[start:start + DELTA_ROWS_PER_CHUNK]
+            arrays = self._row_arrays(part)
+            if window_writes is None:
+                arrays["ring"] = self.columns["ring"][part]
+            else:
+                written = np.isin(window_writes[0], part)
+                arrays |= self._window_slots(window_writes[0][written], window_writes[1][written])
+            chunks.append(pack(self._row_meta(part, first_new_row, self._awaiting_changed), arrays))
+        self._awaiting_changed.clear()
+        return chunks
+
+    def _row_meta(self, part: np.ndarray, first_new_row: int, awaiting: set[int] | None) -> dict:
+        """Names (so that codes mean the same to a reader), the new rows' keys and the rows' waiting
+        outcomes (every row's in a snapshot; in a delta, the rows whose waiting outcomes changed)."""
+        c = self.columns
+        return {"kind": "rows", "experiments": self.experiments, "variants": self.variants, "metrics": self.metrics,
+                "new": [[r, int(c["experiment"][r]), self.unit_ids[r]] for r in part[part >= first_new_row].tolist()],
+                "awaiting": {str(r): self.awaiting.get(r, []) for r in part.tolist()
+                             if (r in self.awaiting if awaiting is None else r in awaiting)}}
+
+    def _row_arrays(self, part: np.ndarray) -> dict[str, np.ndarray]:
+        return {"rows": part} | {name: self.columns[name][part] for name in _DELTA_COLUMNS}
+
+    def _window_slots(self, rows: np.ndarray, hashes: np.ndarray) -> dict[str, np.ndarray]:
+        """The final (row, slot, hash) of a batch's id-window writes: slots counted back from each
+        row's newest slot now, so a reader sets slots and needs no order."""
+        c = self.columns
+        # The k-th of a row's n writes (in order) sits n - 1 - k slots before the newest one.
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_rows)) + 1] if rows.size else np.zeros(0, dtype=np.int64)
+        counts = np.diff(np.r_[starts, sorted_rows.size])
+        rank = np.arange(sorted_rows.size) - np.repeat(starts, counts)
+        back = np.repeat(counts, counts) - 1 - rank
+        newest = c["ring_head"][sorted_rows].astype(np.int64) + c["ring_count"][sorted_rows].astype(np.int64) - 1
+        kept = back < RECENT_EVENT_IDS  # the older ones were overwritten in the same batch
+        return {"ring_rows": sorted_rows[kept].astype(np.int64), "ring_slots": ((newest - back) % RECENT_EVENT_IDS)[kept],
+                "ring_hashes": hashes[order][kept].astype(np.uint64)}
+
+    def snapshot_chunks(self) -> list[bytes]:
+        """Chunks that rebuild this table from nothing."""
+        chunks = []
+        for start in range(0, self.n, SNAPSHOT_ROWS_PER_CHUNK):
+            part = np.arange(start, min(self.n, start + SNAPSHOT_ROWS_PER_CHUNK), dtype=np.int64)
+            arrays = self._row_arrays(part)
+            arrays["ring"] = self.columns["ring"][part]
+            chunks.append(pack(self._row_meta(part, 0, None), arrays))
+        return chunks
+
+    def apply_chunk(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Apply a chunk of :meth:`delta_chunks` or :meth:`snapshot_chunks` (names first, so
+        that codes in the arrays mean what they meant to the writer)."""
+        for name in meta["experiments"]:
+            self.experiment_code(name)
+        for name in meta["variants"]:
+            self.variant_code(name)
+        for name in meta["metrics"]:
+            self.metric_code(name)
+        if self.experiments != meta["experiments"] or self.variants != meta["variants"] or self.metrics != meta["metrics"]:
+            raise ValueError("a unit-state chunk names experiments, variants or metrics in another order than the table")
+        for row, experiment, unit_id in meta["new"]:
+            if row != self.n or self._rows[experiment].get(unit_id) is not None:
+                raise ValueError(f"a unit-state chunk adds row {row} to a table of {self.n} rows")
+            self.rows_of(experiment, [unit_id])
+        rows = arrays["rows"]
+        if rows.size and int(rows.max()) >= self.n:
+            raise ValueError("a unit-state chunk changes a row the table does not have")
+        for name in _DELTA_COLUMNS:
+            value = arrays[name]
+            target = self.columns[name]
+            if target.ndim == 2:
+                target[rows, :value.shape[1]] = value
+            else:
+                target[rows] = value
+        if "ring" in arrays:
+            self.columns["ring"][rows] = arrays["ring"]
+        else:
+            self.columns["ring"][arrays["ring_rows"], arrays["ring_slots"]] = arrays["ring_hashes"]
+        for row, waiting in meta["awaiting"].items():
+            if waiting:
+                self.awaiting[int(row)] = [tuple(w) for w in waiting]
+            else:
+                self.awaiting.pop(int(row), None)
+
+    def without_experiments(self, experiment_ids: set[str]) -> "UnitTable":
+        """A copy of this table without the rows of these experiments (rows renumbered)."""
+        table = UnitTable()
+        for name in self.variants:
+            table.variant_code(name)
+        for name in self.metrics:
+            table.metric_code(name)
+        for code, experiment_id in enumerate(self.experiments):
+            if experiment_id in experiment_ids:
+                continue
+            rows = self.rows_of_experiment(code)
+            new_rows = table.rows_of(table.experiment_code(experiment_id), [self.unit_ids[r] for r in rows.tolist()])
+            for name in (*_DELTA_COLUMNS, "ring"):
+                if name != "experiment":
+                    table.columns[name][new_rows] = self.columns[name][rows]
+            for old, new in zip(rows.tolist(), new_rows.tolist()):
+                if old in self.awaiting:
+                    table.awaiting[new] = list(self.awaiting[old])
+        return table
+
+    # --- storage ----------------------------------------------------------------------------
+
+    def _allocate(self, cap: int, widths: dict[str, int]) -> None:
+        old, self._cap = self.columns, cap
+        self._widths = widths
+        self.columns = {}
+        for name, (dtype, initial) in _COLUMNS.items():
+            shape = (cap, widths[name]) if name in widths else (cap,)
+            column = np.full(shape, initial, dtype=np.dtype(dtype))
+            if name in old:
+                previous = old[name]
+                if column.ndim == 2:
+                    column[:previous.shape[0], :previous.shape[1]] = previous
+                else:
+                    column[:previous.shape[0]] = previous
+            self.columns[name] = column
+
+    def _ensure(self, rows: int) -> None:
+        if rows > self._cap:
+            self._allocate(max(rows, 2 * self._cap, 1024), self._widths)
+
+    def _widen(self, name: str, width: int) -> None:
+        if width > self._widths[name]:
+            self._allocate(self._cap, self._widths | {name: width})
 
 
-class _PlainValues(pickle.Unpickler):
-    """Unpickles plain values only (str, bytes, numbers, None, tuples, lists, dicts): whoever can
-    write to the changelog topic must not be able to run code in a worker."""
+@dataclass
+class RowsView:
+    """What some rows contributed at one moment: the "before" and "after" of a batch."""
 
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"a unit state record may not name {module}.{name}")
+    rows: np.ndarray
+    experiment: np.ndarray
+    variant: np.ndarray
+    exposed_ms: np.ndarray
+    last_ms: np.ndarray
+    totals: np.ndarray
+    fates: np.ndarray
+    inconsistencies: np.ndarray  # assignment inconsistencies plus other-variant predictions
+
+    def take(self, at: np.ndarray) -> "RowsView":
+        return RowsView(self.rows[at], self.experiment[at], self.variant[at], self.exposed_ms[at], self.last_ms[at],
+                        self.totals[at], self.fates[at], self.inconsistencies[at])
+
+
+@dataclass
+class _Saved:
+    rows: np.ndarray
+    columns: dict[str, np.ndarray]
+    awaiting: dict[int, list]
+
+
+# --- chunks: a JSON header and raw arrays ---------------------------------------------------
+
+_DTYPES = frozenset({"<i4", "<i8", "<u8", "<f8", "|u1", "|b1"})
+_LENGTH = struct.Struct("<I")
+
+
+def pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
+    """One chunk: a 4-byte header length, the JSON header, the arrays' bytes."""
+    layout, parts, offset = [], [], 0
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype.str not in _DTYPES:
+            raise TypeError(f"array {name} has dtype {array.dtype.str}, not one a chunk may hold")
+        layout.append([name, array.dtype.str, list(array.shape), offset])
+        parts.append(array.tobytes())
+        offset += array.nbytes
+    header = json.dumps({"meta": meta, "arrays": layout}, separators=(",", ":")).encode()
+    return _LENGTH.pack(len(header)) + header + b"".join(parts)
+
+
+def unpack(chunk: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and arrays of :func:`pack` (arrays are read-only views of ``chunk``)."""
+    (length,) = _LENGTH.unpack_from(chunk)
+    header = json.loads(chunk[_LENGTH.size:_LENGTH.size + length])
+    body = memoryview(chunk)[_LENGTH.size + length:]
+    arrays = {}
+    for name, dtype, shape, offset in header["arrays"]:
+        if dtype not in _DTYPES:
+            raise ValueError(f"a chunk's array {name} has dtype {dtype}, not one a chunk may hold")
+        count = int(np.prod(shape)) if shape else 1
+        arrays[name] = np.frombuffer(body, dtype=np.dtype(dtype), count=count, offset=offset).reshape(shape)
+    return header["meta"], arrays

@@ -1,7 +1,8 @@
 """The abstream worker: a faust-streaming app running both stages of the pipeline.
 
 - stage 1 (a batch handler on the input topics, streams/fetch.py): streams/stage1.py folds
-  each batch into the changelogged ``units`` table and the partition's partials;
+  each batch into the unit tables and partials of its input partitions, and each partition's
+  changes go to the stage-1 state log (streams/state_log.py) as one transaction;
 - after each batch's writes are in Kafka, the changed partials are published to
   ``<prefix>partials`` (keyed by experiment), at most every ``PARTIALS_GAP_S``;
 - stage 2 (agent ``stage2`` on the partials topic): keeps the newest partial per source
@@ -14,9 +15,8 @@
 A worker started with ``--sink`` also runs the ClickHouse sink role (streams/sink.py) in a
 thread and serves read-only SQL on its loopback HTTP port.
 
-Agent concurrency stays 1: faust-streaming loses messages with concurrency > 1. Tables are
-written once per touched key per batch, through :func:`write_table` and
-:class:`UnitChangelog`.
+Agent concurrency stays 1: faust-streaming loses messages with concurrency > 1. The
+experiments table is written once per touched key per batch, through :func:`write_table`.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ import json
 import ssl
 import logging
 import os
+import socket
 import time
-from types import SimpleNamespace
+import uuid
 from typing import Any
 
 import faust
-from faust.serializers import codecs
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import fetch, metrics
@@ -40,11 +40,12 @@ from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
 from streams.sink import Sink, sink_endpoint_file, sql_answer
-from streams.stage1 import Stage1, expired, split_unit_key
+from streams.stage1 import Stage1, expired
+from streams.state_log import StateLog, StateLogError, StateWriteFailed
 from streams.stage2 import (ControlState, apply_order, control, decision_record, evaluate, merged_partial,
                             stored_or_new, with_partial)
-from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, deadletter_headers,
-                            input_topic_names, make_producer)
+from streams.topics import (ALERTS, ALLOCATIONS, DEADLETTER, DECISIONS, KILLSWITCH, PARTIALS, STAGE1_STATE,
+                            deadletter_headers, input_topic_names)
 from streams.warehouse import Warehouse
 
 log = logging.getLogger("abstream.worker")
@@ -53,85 +54,6 @@ PARTIALS_GAP_S = 0.1
 STAGE2_WITHIN_S = 0.05
 # Allocations (net of deallocations) between young collections; Python's default is 700.
 GC_YOUNG_THRESHOLD = 50_000
-
-
-class _TextCodec(codecs.Codec):
-    def _dumps(self, text: str) -> bytes:
-        return text.encode()
-
-    def _loads(self, data: bytes) -> str:
-        return data.decode()
-
-
-codecs.register("abstream_text", _TextCodec())
-
-
-class _CodecType:
-    """A table key or value type that only names its codec: Faust's Table takes codecs from
-    ``key_type._options.serializer`` and builds the decoded object with ``from_data``."""
-
-    @staticmethod
-    def from_data(data, preferred_type=None):
-        return data
-
-
-class _UnitKey(_CodecType):
-    _options = SimpleNamespace(serializer="abstream_text")
-
-
-class _UnitValue(_CodecType):
-    _options = SimpleNamespace(serializer="raw")  # the stored form, UnitState.to_bytes()
-
-
-class ChangelogWriteFailed(RuntimeError):
-    """Kafka did not take a unit-state record: the batch must not be acknowledged."""
-
-
-class UnitChangelog:
-    """Stage 1's writes to the units table: the memory store's dict and its changelog record
-    together (both the unit state's stored form), the record produced with confluent-kafka.
-
-    Why not Faust's ``send_changelog``: aiokafka's producer costs a future, a callback and
-    Python-side batching per record, and stage 1 writes ~0.75 records per input event; that
-    was 40-45% of a worker's main thread in py-spy (bench/PROFILE.md). librdkafka batches
-    in C. The records are what Faust's own table recovery reads back (same topic, same
-    codecs: "abstream_text" keys, "raw" values), so recovery, rebalances and the
-    table's memory store stay Faust's.
-    """
-
-    def __init__(self, settings: Settings, topic: str, states: dict):
-        self.topic = topic
-        self.states = states
-        # Uncompressed: Faust's recovery reads these with aiokafka, which needs extra packages for lz4/zstd.
-        # Delivery reports for failures only: a Python callback per delivered record is paid
-        # per touched unit, and only the failures matter here.
-        self.producer = make_producer(settings, **{"linger.ms": "5", "batch.size": "1000000",
-                                                   "delivery.report.only.error": True, "on_delivery": self._delivered})
-        self.errors: list[str] = []
-
-    def write(self, partition: int, key: str, value: bytes | None) -> None:
-        """Set a unit's stored state (None deletes it) and queue its changelog record (a tombstone)."""
-        if value is None:
-            self.states.pop(key, None)
-        else:
-            self.states[key] = value
-        while True:
-            try:
-                self.producer.produce(self.topic, value, key.encode(), partition=partition)
-                return
-            except BufferError:  # librdkafka's queue is full: let it send, then retry
-                self.producer.poll(0.05)
-
-    def _delivered(self, error, _message) -> None:
-        if error is not None:
-            self.errors.append(str(error))
-
-    def flush(self) -> None:
-        """Block until every record written so far is in Kafka (run it off the event loop)."""
-        self.producer.flush()
-        if self.errors:
-            errors, self.errors = self.errors, []
-            raise ChangelogWriteFailed(f"{len(errors)} unit-state records were not written: {errors[0]}")
 
 
 def write_table(table: faust.Table, partition: int, key: Any, value: Any) -> None:
@@ -198,13 +120,17 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     control_topics = {kind: app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw")
                       for kind, name in ((ControlKind.ALERT, ALERTS), (ControlKind.KILLSWITCH, KILLSWITCH),
                                          (ControlKind.ALLOCATION, ALLOCATIONS))}
-    # Unit states are written by UnitChangelog; the experiments table is JSON (Faust's default).
-    units = app.Table("units", default=None, partitions=settings.partitions, key_type=_UnitKey, value_type=_UnitValue)
+    # The experiments table (stage 2) is JSON, Faust's default. Stage 1 keeps its state itself
+    # (streams/stage1.py) and makes it durable in its state log, one transaction per partition
+    # and batch: a Faust table costs a record (and a Python produce) per unit.
     experiment_partials = app.Table("experiments", default=None, partitions=settings.partitions)
-    # The memory store's own dict: the Store's Mapping.get was 5.5% of a worker in py-spy.
-    unit_states: dict = units.data.data
-    unit_changelog = UnitChangelog(settings, units.changelog_topic.get_topic_name(), unit_states)
-    stage1 = Stage1(settings, codec, experiments, read_unit=unit_states.get, scan_units=lambda: list(unit_states.items()))
+    stage1 = Stage1(settings, codec, experiments)
+    state_log = StateLog(settings, settings.topic(STAGE1_STATE), owner=f"{socket.gethostname()}-{os.getpid()}-"
+                                                                        f"{uuid.uuid4().hex[:8]}")
+    # Input partitions this worker claimed in the state log (it may write their transactions),
+    # and the log position of partitions it held before a rebalance (to continue from there).
+    claimed: set[int] = set()
+    held_tips: dict[int, int] = {}
     changed_experiments: set[str] = set()
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
@@ -227,21 +153,63 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             await partials_topic.send(key=experiment_id.encode(),
                                       value={"source_partition": partition, "partial": partial.to_dict()})
 
-    async def stage1_batch(messages) -> None:
+    async def stage1_batch(batch) -> set[tuple[str, int]]:
         async with batch_in_flight:
             started = time.time()
-            await fold_and_write(messages)
+            unwritten = await fold_and_write(batch)
             done = time.time()
             metrics.BATCH_SECONDS.observe(done - started)
-            oldest_ms = min((m.timestamp for m in messages if m.timestamp is not None), default=None)
+            oldest_ms = min((records[0].timestamp for records in batch.values() if records[0].timestamp is not None),
+                            default=None)
             if oldest_ms is not None:
                 metrics.BATCH_DELAY_SECONDS.observe(max(0.0, done - oldest_ms / 1000))
+            return unwritten
 
-    async def fold_and_write(messages) -> None:
+    async def acquire(partitions: set[int]) -> set[int]:
+        """Claim input partitions in the state log and load their state (the caller holds
+        batch_in_flight); a partition this worker held before continues from where it was.
+        Returns the partitions that could not be claimed now (the broker away, say)."""
+        failed = set()
+        for partition in sorted(partitions - claimed):
+            since = held_tips.get(partition) if partition in stage1.partitions else None
+            try:
+                loaded = await app.loop.run_in_executor(None, state_log.acquire, partition, since)
+            except StateLogError as exc:
+                log.warning("could not claim input partition %d's stage-1 state, will try again: %s", partition, exc)
+                failed.add(partition)
+                continue
+            held_tips.pop(partition, None)
+            stage1.load(partition, [(t.type, t.chunks) for t in loaded.transactions], from_start=loaded.from_start)
+            claimed.add(partition)
+        return failed
+
+    def write_state(transactions: dict[int, list[bytes]]) -> tuple[set[int], set[int]]:
+        """Write each partition's transaction, then the snapshots that came due, and wait until
+        they are in Kafka (run off the event loop; the caller holds batch_in_flight). Returns the
+        partitions whose batch is not in the log, and those whose snapshot is not: both lost
+        their claim and must be loaded again."""
+        for partition, chunks in transactions.items():
+            state_log.append(partition, "delta", chunks)
+        try:
+            state_log.flush()
+        except StateWriteFailed as failure:
+            log.warning("stage-1 state of partitions %s not written (%s): they are read again", sorted(failure.partitions),
+                        failure)
+            return set(failure.partitions), set()
+        due = [p for p in transactions if stage1.snapshot_due(p)]
+        try:
+            write_snapshots(due)
+        except StateWriteFailed as failure:
+            log.warning("snapshot of stage-1 partitions %s not written: %s", sorted(failure.partitions), failure)
+            return set(), set(failure.partitions)
+        return set(), set()
+
+    async def fold_and_write(batch) -> set[tuple[str, int]]:
         started = time.time()
-        result = stage1.process(messages)
-        for partition, key, stored in result.unit_writes:
-            unit_changelog.write(partition, key, stored)
+        not_claimed = await acquire({partition for _, partition in batch})
+        if not_claimed:  # read again, once they are claimed
+            batch = {tp: records for tp, records in batch.items() if tp[1] not in not_claimed}
+        result = stage1.process(batch)
         for message, letter in result.dead:
             await deadletters.send(
                 # Kafka refuses a record with neither key nor value: an empty value stands for a tombstone.
@@ -250,15 +218,25 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             )
         folded = time.time()
         metrics.BATCH_PHASE_SECONDS.labels("fold").observe(folded - started)
-        # The batch's offsets are acked after this returns: its effects must be in Kafka first.
-        await app.loop.run_in_executor(None, unit_changelog.flush)
+        # The dead letters before the state that records their messages as done: a crash in
+        # between must not leave a message judged but its letter lost.
+        if result.dead:
+            await app.producer.flush()
+        unwritten, unsnapshotted = await app.loop.run_in_executor(None, write_state, result.transactions)
+        for partition in unwritten | unsnapshotted:
+            stage1.forget(partition)
+            claimed.discard(partition)
+            held_tips.pop(partition, None)
         flushed = time.time()
-        metrics.BATCH_PHASE_SECONDS.labels("changelog_flush").observe(flushed - folded)
+        metrics.BATCH_PHASE_SECONDS.labels("state_write").observe(flushed - folded)
+        # The batch's offsets are acked after this returns: its effects must be in Kafka first.
         await app.producer.flush()
         metrics.BATCH_PHASE_SECONDS.labels("producer_flush").observe(time.time() - flushed)
-        # Partials only after the unit states they sum are in Kafka (a crash in between would
-        # publish sums the recovered states do not hold).
+        # Partials only after the state they sum is in Kafka (a crash in between would publish
+        # sums the recovered state does not hold).
         await publish_partials_when_due()
+        return {(topic, partition) for topic, partition in batch if partition in unwritten} | \
+            {(topic, partition) for topic in input_names for partition in not_claimed}
 
     # Stage 1 is not an agent: the consumer hands it one batch per fetch (streams/fetch.py).
     app.topics.add(inputs)
@@ -291,9 +269,11 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             return None
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == partials_name}
 
-    def settle_ownership() -> None:
-        """After a rebalance: adopt the input partitions assigned here and let go of the state
-        of partitions that went to another worker.
+    async def settle_ownership() -> None:
+        """After a rebalance: claim and load the input partitions assigned here (their partials
+        are then published: the last owner may have died before publishing them, and no new
+        event may ever come to trigger it), and let go of the state of partitions that went to
+        another worker.
 
         Memory tables are not emptied on revoke (Faust drops only the keys its recovery wrote,
         not the ones written here). A worker that kept a lost experiment's state and its pending
@@ -306,17 +286,16 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         owned = owned_experiment_partitions()
         if owned is None:
             return
-        assignment = app.consumer.assignment()
-        inputs_owned = {tp.partition for tp in assignment if tp.topic in input_names}
-        for partition in inputs_owned:
-            stage1.adopt(partition)
+        inputs_owned = {tp.partition for tp in app.consumer.assignment() if tp.topic in input_names}
+        if inputs_owned - claimed and not batch_in_flight.locked():  # else that batch claims its own
+            async with batch_in_flight:
+                await acquire(inputs_owned)  # what fails is tried again at the next tick
         if settled_generation == app.consumer_generation_id:
             return
         settled_generation = app.consumer_generation_id
-        # A partition assigned here again later is recovered from the start of its changelog
-        # (Faust forgets its offset on revoke), so nothing dropped here is needed then.
-        for key in [k for k in unit_states if split_unit_key(k)[0] not in inputs_owned]:
-            del unit_states[key]
+        for partition in set(stage1.partitions) - inputs_owned:
+            stage1.forget(partition)
+            held_tips.pop(partition, None)
         stage2_states = experiment_partials.data.data
         for experiment_id in [e for e, s in stage2_states.items() if s.get("partition") not in owned]:
             del stage2_states[experiment_id]
@@ -353,7 +332,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         # Decisions on change: a changed experiment is evaluated as soon as its last decision
         # is decision_interval_s old (the issue-10 latency target is p99 <= 1 s end to end);
         # stage 2 evaluates on arrival, this tick catches what became due in between.
-        settle_ownership()
+        await settle_ownership()
         if not batch_in_flight.locked():  # else the batch in flight publishes when its writes are in
             async with batch_in_flight:
                 await publish_partials_when_due()  # partitions without new batches (adopted ones)
@@ -390,7 +369,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         for tp in app.consumer.assignment():
             high = app.consumer.highwater(tp) if tp.topic in input_names else None
             if high is not None:
-                lag += max(0, high - stage1.positions.get((tp.topic, tp.partition), high))
+                state = stage1.partitions.get(tp.partition)
+                lag += max(0, high - (state.positions.get(tp.topic, high) if state is not None else high))
         return lag
 
     async def evaluate_experiment(config, stored: dict) -> None:
@@ -435,18 +415,39 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
 
     @app.timer(interval=max(settings.decision_interval_s, 10.0))
     async def retention():
-        # Unit state of experiments stopped longer than the retention is deleted (tombstoned).
+        # Unit state of experiments stopped longer than the retention is dropped; each partition
+        # that held some is written again as a snapshot, and the log before it deleted.
         gone = expired(experiments.all(), int(time.time() * 1000), settings.exposure_retention_s)
-        deleted = stage1.expire(gone)
-        for partition, key in deleted:
-            unit_changelog.write(partition, key, None)
-        if deleted:
-            await app.loop.run_in_executor(None, unit_changelog.flush)
-        metrics.UNIT_STATES.set(len(unit_states))
+        async with batch_in_flight:
+            changed = [p for p in stage1.expire(gone) if p in claimed]
+            try:
+                await app.loop.run_in_executor(None, write_snapshots, changed)
+            except StateWriteFailed as failure:  # loaded again, from the log, at the next batch or tick
+                log.warning("snapshot of stage-1 partitions %s not written: %s", sorted(failure.partitions), failure)
+                for partition in failure.partitions:
+                    stage1.forget(partition)
+                    claimed.discard(partition)
+                stage1.expired -= gone  # their rows come back with the partitions' logs: expire them again
+        metrics.UNIT_STATES.set(stage1.unit_states())
+
+    def write_snapshots(partitions: list[int]) -> None:
+        """Write the partitions' snapshots and delete their log before them (off the event loop)."""
+        if not partitions:
+            return
+        for partition in partitions:
+            state_log.append(partition, "snapshot", stage1.snapshot(partition))
+        state_log.flush()
+        for partition in partitions:
+            state_log.truncate(partition)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
-        stage1.forget_partitions({tp.partition for tp in revoked})
+        # The state stays in memory: if the partition comes back, its log is read on from here.
+        async with batch_in_flight:
+            for partition in {tp.partition for tp in revoked if tp.topic in input_names} & claimed:
+                held_tips[partition] = state_log.tip(partition)
+                state_log.release(partition)
+                claimed.discard(partition)
 
     @app.page("/metrics")
     async def metrics_page(web, request):

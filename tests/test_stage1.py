@@ -1,18 +1,38 @@
-"""Stage 1's fold as a pure function: messages in, unit states, partials and dead letters out."""
+"""Stage 1's fold as a pure function: messages in; partials, dead letters and state-log
+transactions out. The reference is the rules of streams/units.py applied by hand, one event
+at a time, with plain dicts and lists (:class:`Rules`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from streams.codec import Codec, DeadLetterReason, EventKind
 from streams.experiments import ExperimentConfig, start
+from streams.partials import HOUR_MS, LATENCY_SKETCH, SCORE_BINS, Partial
 from streams.settings import Settings
-from streams.stage1 import Stage1
-from streams.units import UnitState
+from streams.stage1 import Stage1, group_by_partition
+from streams.topics import INPUT_TOPICS
+from streams.units import MAX_AWAITING_OUTCOMES, RECENT_EVENT_IDS, UnitTable, pack, unpack
 
 CODEC = Codec()
 SETTINGS = Settings.from_env({})
-CONFIG = start(ExperimentConfig.from_mapping({"experiment_id": "e", "variants": ["control", "treatment"],
-                                              "primary_metric": {"name": "conversion", "kind": "binary"}}))
+T0 = 1_767_225_600_000
+WINDOW_S = 3600
+CONFIGS = {
+    "e": start(ExperimentConfig.from_mapping({
+        "experiment_id": "e", "variants": ["control", "treatment"], "attribution_window_s": WINDOW_S,
+        "primary_metric": {"name": "conversion", "kind": "binary"},
+        "secondary_metrics": [{"name": "revenue", "kind": "continuous"}]})),
+    "r": start(ExperimentConfig.from_mapping({
+        "experiment_id": "r", "variants": ["a", "b"], "attribution_window_s": WINDOW_S,
+        "primary_metric": {"name": "rpc", "kind": "ratio", "numerator": "revenue", "denominator": "clicks"}})),
+}
 
 
 @dataclass
@@ -25,219 +45,412 @@ class Message:
 
 
 class Experiments:
+    def __init__(self, configs=None):
+        self.configs = CONFIGS if configs is None else configs
+
     def get(self, experiment_id):
-        return CONFIG if experiment_id == "e" else None
+        return self.configs.get(experiment_id)
 
     def refresh(self, timeout_s=5.0):
         pass
 
 
-def stage1(cls=Stage1) -> tuple[Stage1, dict]:
-    units: dict = {}
-    return cls(SETTINGS, CODEC, Experiments(), read_unit=units.get, scan_units=lambda: list(units.items())), units
+DEFAULTS = {
+    EventKind.ASSIGNMENT: {"variant": "treatment", "allocation_version": 0, "segment": {}},
+    EventKind.PREDICTION: {"request_id": "r", "variant": "treatment", "model_name": "m", "model_version": "v",
+                           "score": 0.5, "label": None, "latency_ms": 10.0, "status": "ok"},
+    EventKind.SHADOW: {"request_id": "r", "champion_model": "m", "champion_version": "1", "challenger_model": "m",
+                       "challenger_version": "2", "champion_score": 0.375, "challenger_score": 0.75,
+                       "champion_label": None, "challenger_label": None, "champion_latency_ms": 10.0,
+                       "challenger_latency_ms": 14.0, "challenger_status": "ok"},
+    EventKind.OUTCOME: {"metric": "conversion", "value": 1.0, "request_id": None},
+}
 
 
-def message(kind: EventKind, offset: int, **fields) -> Message:
-    base = {"event_id": f"x{offset}", "event_time": 1_767_225_600_000 + offset, "experiment_id": "e", "unit_id": "u1"}
-    defaults = {
-        EventKind.ASSIGNMENT: {"variant": "treatment", "allocation_version": 0, "segment": {}},
-        EventKind.PREDICTION: {"request_id": "r", "variant": "treatment", "model_name": "m", "model_version": "v",
-                               "score": 0.5, "label": None, "latency_ms": 10.0, "status": "ok"},
-        EventKind.OUTCOME: {"metric": "conversion", "value": 1.0, "request_id": None},
-    }[kind]
-    topic = SETTINGS.topic({EventKind.ASSIGNMENT: "assignments", EventKind.PREDICTION: "predictions",
-                            EventKind.OUTCOME: "outcomes"}[kind])
-    return Message(topic, 0, offset, b"u1", CODEC.encode(kind, {**base, **defaults, **fields}))
+def record(kind: EventKind, n: int, **fields) -> dict:
+    return {"event_id": f"x{n}", "event_time": T0 + n, "experiment_id": "e", "unit_id": "u1", **DEFAULTS[kind], **fields}
+
+
+def message(kind: EventKind, offset: int, partition: int = 0, **fields) -> Message:
+    r = record(kind, offset, **fields)
+    return Message(SETTINGS.topic(INPUT_TOPICS[kind]), partition, offset, r["unit_id"].encode(), CODEC.encode(kind, r))
+
+
+class Log:
+    """What the worker does with a batch's transactions: keep them per partition, in order."""
+
+    def __init__(self, fold: Stage1):
+        self.fold = fold
+        self.transactions: dict[int, list[tuple[str, list[bytes]]]] = defaultdict(list)
+
+    def process(self, messages: list[Message]):
+        for partition in {m.partition for m in messages}:
+            if partition not in self.fold.partitions:
+                self.fold.load(partition, self.transactions[partition], from_start=True)
+        result = self.fold.process(group_by_partition(messages))
+        for partition, chunks in result.transactions.items():
+            self.transactions[partition].append(("delta", chunks))
+        return result
+
+
+def fresh_fold(configs=None) -> tuple[Stage1, Log]:
+    fold = Stage1(SETTINGS, CODEC, Experiments(configs))
+    return fold, Log(fold)
+
+
+def partial_of(fold: Stage1, partition: int = 0, experiment_id: str = "e") -> Partial:
+    return fold.partitions[partition].partials[experiment_id]
+
+
+# --- the reference: the rules applied by hand -------------------------------------------------
+
+@dataclass
+class Unit:
+    ids: list[str] = field(default_factory=list)
+    variant: str | None = None
+    exposed_ms: int | None = None
+    last_ms: int = 0
+    totals: dict = field(default_factory=lambda: defaultdict(float))
+    fates: dict = field(default_factory=lambda: defaultdict(int))
+    inconsistencies: int = 0
+    predicted: dict = field(default_factory=lambda: defaultdict(int))
+    awaiting: list = field(default_factory=list)
+
+
+class Rules:
+    """streams/units.py's rules, one event at a time; counters as stage 2 reads them."""
+
+    def __init__(self):
+        self.units: dict[tuple[int, str, str], Unit] = {}
+        self.counters: dict[tuple[int, str], dict] = defaultdict(lambda: defaultdict(float))
+        self.positions: dict[tuple[str, int], int] = {}
+
+    def batch(self, messages: list[Message]) -> None:
+        """In the fold's order: per partition, topic by topic (assignments, predictions, shadow
+        runs, outcomes), each in offset order."""
+        order = {SETTINGS.topic(INPUT_TOPICS[k]): i for i, k in enumerate(EventKind)}
+        for m in sorted(messages, key=lambda m: (m.partition, order[m.topic], m.offset)):
+            if m.offset < self.positions.get((m.topic, m.partition), 0):
+                continue
+            self.positions[(m.topic, m.partition)] = m.offset + 1
+            kind = {SETTINGS.topic(INPUT_TOPICS[k]): k for k in EventKind}[m.topic]
+            r = CODEC.decode(kind, m.value)
+            if not isinstance(r, dict) or r["experiment_id"] not in CONFIGS:
+                continue
+            self.event(m.partition, kind, r)
+
+    def event(self, partition: int, kind: EventKind, r: dict) -> None:
+        config = CONFIGS[r["experiment_id"]]
+        u = self.units.setdefault((partition, r["experiment_id"], r["unit_id"]), Unit())
+        identity = f"{kind.value}:{r['event_id']}"
+        if identity in u.ids:
+            return
+        u.ids = (u.ids + [identity])[-RECENT_EVENT_IDS:]
+        u.last_ms = max(u.last_ms, r["event_time"])
+        counters = self.counters[(partition, r["experiment_id"])]
+        if kind is EventKind.ASSIGNMENT:
+            if u.variant is None:
+                u.variant, u.exposed_ms = r["variant"], r["event_time"]
+                waiting, u.awaiting = u.awaiting, []
+                u.fates["awaiting_exposure"] -= len(waiting)
+                for metric, t, value in waiting:
+                    self.judge(u, config, metric, t, value)
+            elif r["variant"] != u.variant:
+                u.inconsistencies += 1
+        elif kind is EventKind.PREDICTION:
+            v = r["variant"]
+            u.predicted[v] += 1
+            counters[("status", v, r["status"])] += 1
+            latency = r["latency_ms"]
+            bucket = "z" if latency == 0 else str(math.ceil(math.log(latency) / math.log(LATENCY_SKETCH.gamma)))
+            counters[("latency", v, bucket)] += 1
+            if r["score"] is not None:
+                score_bin = min(SCORE_BINS - 1, int(min(1.0, max(0.0, r["score"])) * SCORE_BINS))
+                counters[("score", v, f"{r['event_time'] // HOUR_MS}:{score_bin}")] += 1
+        elif kind is EventKind.SHADOW:
+            c = f"{r['challenger_model']}:{r['challenger_version']}"
+            counters[("shadow", c, "runs")] += 1
+            counters[("shadow", c, r["challenger_status"])] += 1
+            if r["challenger_status"] == "ok":
+                if r["champion_label"] is not None and r["challenger_label"] is not None:
+                    counters[("shadow", c, "compared")] += 1
+                    counters[("shadow", c, "disagree")] += r["champion_label"] != r["challenger_label"]
+                elif r["champion_score"] is not None and r["challenger_score"] is not None:
+                    counters[("shadow", c, "compared")] += 1
+                    counters[("shadow", c, "disagree")] += (r["champion_score"] >= 0.5) != (r["challenger_score"] >= 0.5)
+        elif u.variant is None:
+            if len(u.awaiting) >= MAX_AWAITING_OUTCOMES:
+                u.fates["dropped_awaiting"] += 1
+            else:
+                u.awaiting.append((r["metric"], r["event_time"], r["value"]))
+                u.fates["awaiting_exposure"] += 1
+        else:
+            self.judge(u, config, r["metric"], r["event_time"], r["value"])
+
+    @staticmethod
+    def judge(u: Unit, config, metric: str, t: int, value: float) -> None:
+        if t < u.exposed_ms:
+            u.fates["before_exposure"] += 1
+        elif t >= u.exposed_ms + config.attribution_window_s * 1000:
+            u.fates["after_window"] += 1
+        else:
+            u.fates["attributed"] += 1
+            tracked = {n for m in config.metrics for n in ((m.numerator, m.denominator) if m.kind.value == "ratio" else (m.name,))}
+            if metric in tracked:
+                u.totals[metric] += value
+
+    def partial(self, partition: int, experiment_id: str) -> dict:
+        config = CONFIGS[experiment_id]
+        units = [u for (p, e, _), u in self.units.items() if p == partition and e == experiment_id]
+        variants: dict = {}
+        fates: dict = defaultdict(int)
+        for u in units:
+            for fate, n in u.fates.items():
+                fates[fate] += n
+            if u.variant is None:
+                continue
+            arm = variants.setdefault(u.variant, {"units": 0, "sums": {}})
+            arm["units"] += 1
+            for m in config.metrics:
+                t = u.totals
+                if m.kind.value == "binary":
+                    terms = [float(t[m.name] > 0)]
+                elif m.kind.value == "continuous":
+                    terms = [t[m.name], t[m.name] ** 2]
+                else:
+                    x, y = t[m.numerator], t[m.denominator]
+                    terms = [x, x * x, y, y * y, x * y]
+                sums = arm["sums"].setdefault(m.name, [0.0] * len(terms))
+                arm["sums"][m.name] = [a + b for a, b in zip(sums, terms)]
+        exposed = [u.exposed_ms for u in units if u.exposed_ms is not None]
+        counters: dict = {}
+        for (ns, name, key), n in self.counters[(partition, experiment_id)].items():
+            counters.setdefault(f"{ns}:{name}", {})[key] = n
+        return {"variants": variants, "fates": {f: n for f, n in fates.items() if n},
+                "inconsistencies": sum(u.inconsistencies + (sum(u.predicted.values()) - u.predicted.get(u.variant, 0)
+                                                            if u.variant is not None else 0) for u in units),
+                "watermark_ms": max((u.last_ms for u in units), default=0),
+                "first_exposure_ms": min(exposed) if exposed else None, "counters": counters}
+
+
+def folded(partial: Partial) -> dict:
+    d = partial.to_dict()
+    return {**d, "counters": {g: {k: v for k, v in c.items()} for g, c in d["counters"].items()}}
+
+
+# --- the property -----------------------------------------------------------------------------
+
+UNITS = [f"u{i}" for i in range(6)] + ["heavy"]
+VARIANTS = ["control", "treatment", "a", "b", "ghost"]
+
+
+@st.composite
+def events(draw):
+    """A stream of messages over two partitions: re-sends, late and early outcomes, waiting
+    outcomes, a heavy unit that fills its id window, an unknown experiment, bad bytes."""
+    n = draw(st.integers(1, 160))
+    out: list[tuple[EventKind, dict | bytes]] = []
+    sent: list[tuple[EventKind, dict]] = []
+    for i in range(n):
+        if sent and draw(st.integers(0, 9)) == 0:
+            kind, r = sent[draw(st.integers(0, len(sent) - 1))]  # a re-send: same identity, new offset
+            out.append((kind, r))
+            continue
+        kind = draw(st.sampled_from(list(EventKind)))
+        unit = draw(st.sampled_from(UNITS))
+        experiment_id = draw(st.sampled_from(["e", "e", "r", "nobody"]))
+        # On a grid of half windows, so that outcomes fall exactly on the window's edges too.
+        t = T0 + draw(st.integers(-4, 4)) * WINDOW_S * 500 + draw(st.sampled_from([0, 0, 1, -1]))
+        fields = {"experiment_id": experiment_id, "unit_id": unit, "event_time": t, "event_id": f"id{i}"}
+        if kind is EventKind.ASSIGNMENT:
+            fields["variant"] = draw(st.sampled_from(VARIANTS))
+        elif kind is EventKind.PREDICTION:
+            fields |= {"variant": draw(st.sampled_from(VARIANTS)), "status": draw(st.sampled_from(["ok", "error", "timeout"])),
+                       "latency_ms": draw(st.sampled_from([0.0, 1.0, 12.5, 99.9, 1500.0])),
+                       "score": draw(st.one_of(st.none(), st.sampled_from([-3.0, 0.0, 0.25, 0.5, 0.99, 1.0, 7.0])))}
+        elif kind is EventKind.SHADOW:
+            fields |= {"challenger_version": draw(st.sampled_from(["2", "3"])),
+                       "challenger_status": draw(st.sampled_from(["ok", "ok", "error"])),
+                       "champion_label": draw(st.sampled_from([None, "x", "y"])),
+                       "challenger_label": draw(st.sampled_from([None, "x", "y"])),
+                       "champion_score": draw(st.sampled_from([None, 0.25, 0.75])),
+                       "challenger_score": draw(st.sampled_from([None, 0.25, 0.75]))}
+        else:
+            fields |= {"metric": draw(st.sampled_from(["conversion", "revenue", "clicks", "other"])),
+                       "value": float(draw(st.integers(0, 5)))}  # integers: float sums in any order are exact
+        r = record(kind, i, **fields)
+        sent.append((kind, r))
+        out.append((kind, r))
+        if draw(st.integers(0, 29)) == 0:
+            out.append((kind, b"\x00\x00\x00\x00\x02not avro"))
+    return out
+
+
+def as_messages(stream, partitions: int = 2) -> list[Message]:
+    offsets: dict = defaultdict(int)
+    messages = []
+    for kind, r in stream:
+        if isinstance(r, bytes):
+            unit, value = b"u0", r
+        else:
+            unit, value = r["unit_id"].encode(), CODEC.encode(kind, r)
+        topic = SETTINGS.topic(INPUT_TOPICS[kind])
+        partition = zlib.crc32(unit) % partitions
+        messages.append(Message(topic, partition, offsets[(topic, partition)], unit, value))
+        offsets[(topic, partition)] += 1
+    return messages
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events(), st.lists(st.integers(1, 60), min_size=1, max_size=8), st.data())
+def test_the_fold_equals_the_rules_applied_one_event_at_a_time(stream, cuts, data):
+    """Whatever the batch boundaries, replays, reloads from the state log (from the start, from
+    a snapshot) and the order of arrival within a batch's topics: the partials equal the rules
+    applied by hand."""
+    messages = as_messages(stream)
+    fold, log = fresh_fold()
+    rules = Rules()
+    at = 0
+    for i, size in enumerate(cuts * 20):
+        if at >= len(messages):
+            break
+        batch = messages[at:at + size]
+        if at and data.draw(st.booleans(), label=f"replay before batch {i}"):
+            batch = messages[max(0, at - 7):at] + batch  # a redelivery of what was folded, then new ones
+        at += size
+        log.process(batch)
+        rules.batch(batch)
+        what = data.draw(st.sampled_from(["go on", "go on", "reload", "snapshot"]), label=f"after batch {i}")
+        if what == "snapshot":
+            for partition in list(fold.partitions):
+                log.transactions[partition] = [("snapshot", fold.snapshot(partition))]
+        if what in ("reload", "snapshot"):
+            fold = Stage1(SETTINGS, CODEC, Experiments())
+            log.fold = fold
+    for partition in list(log.transactions):
+        if partition not in fold.partitions:
+            fold.load(partition, log.transactions[partition], from_start=True)
+    for (partition, experiment_id) in {(p, e) for p, e, _ in rules.units} | set(rules.counters):
+        assert folded(partial_of(fold, partition, experiment_id)) == rules.partial(partition, experiment_id)
+    # and a new owner that reads the whole log gets the same
+    for partition, transactions in log.transactions.items():
+        again = Stage1(SETTINGS, CODEC, Experiments())
+        again.load(partition, transactions, from_start=True)
+        for experiment_id, partial in fold.partitions[partition].partials.items():
+            assert folded(again.partitions[partition].partials[experiment_id]) == folded(partial)
+        assert again.partitions[partition].positions == fold.partitions[partition].positions
+
+
+# --- single rules ---------------------------------------------------------------------------
+
+def test_a_redelivered_message_changes_nothing_however_many_events_came_between():
+    fold, log = fresh_fold()
+    batch = [message(EventKind.ASSIGNMENT, 1)] + [message(EventKind.PREDICTION, i, latency_ms=float(i)) for i in range(2, 300)]
+    log.process(batch)
+    before = partial_of(fold).to_dict()
+    fold.take_dirty()
+    # A hand-over redelivers from the last commit: the same offsets, far more than the id window back.
+    result = log.process(batch[:5])
+    assert result.transactions == {} and fold.take_dirty() == []  # nothing new to write
+    assert partial_of(fold).to_dict() == before
+
+
+def test_a_re_sent_event_is_a_duplicate_at_another_offset():
+    fold, log = fresh_fold()
+    log.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.OUTCOME, 2)])
+    resent = message(EventKind.OUTCOME, 2)
+    resent.offset = 9
+    log.process([resent])
+    assert partial_of(fold).stats(CONFIGS["e"].primary_metric)["treatment"].successes == 1
+    assert partial_of(fold).fates == {"attributed": 1}
+
+
+def test_a_re_sent_event_is_recognised_among_the_unit_s_last_64_only():
+    fold, log = fresh_fold()
+    first = message(EventKind.PREDICTION, 0, event_id="twin")
+    others = [message(EventKind.PREDICTION, i) for i in range(1, RECENT_EVENT_IDS)]
+    log.process([first, *others])
+    twin = message(EventKind.PREDICTION, 0, event_id="twin")
+    twin.offset = 100
+    log.process([twin])  # 63 events since: still among the last 64
+    assert partial_of(fold).counters[("status", "treatment", "ok")] == RECENT_EVENT_IDS
+    pushed = message(EventKind.PREDICTION, 101)
+    again = message(EventKind.PREDICTION, 0, event_id="twin")
+    again.offset = 102
+    log.process([pushed, again])  # the 65th event pushed the twin out of the window
+    assert partial_of(fold).counters[("status", "treatment", "ok")] == RECENT_EVENT_IDS + 2
+
+
+def test_outcomes_wait_for_their_exposure_up_to_a_limit():
+    fold, log = fresh_fold()
+    waiting = [message(EventKind.OUTCOME, i, event_time=T0 + 10) for i in range(MAX_AWAITING_OUTCOMES + 3)]
+    log.process(waiting)
+    assert partial_of(fold).fates == {"awaiting_exposure": MAX_AWAITING_OUTCOMES, "dropped_awaiting": 3}
+    log.process([message(EventKind.ASSIGNMENT, 1, event_time=T0)])
+    assert partial_of(fold).fates == {"attributed": MAX_AWAITING_OUTCOMES, "dropped_awaiting": 3}
+    assert partial_of(fold).stats(CONFIGS["e"].primary_metric)["treatment"].successes == 1
+
+
+def test_a_huge_finite_score_is_binned_not_a_crash():
+    fold, log = fresh_fold()
+    result = log.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.PREDICTION, 2, score=1e307),
+                          message(EventKind.PREDICTION, 3, score=-1e307)])
+    assert result.dead == []
+    assert sorted(key.split(":")[1] for ns, _, key in partial_of(fold).counters if ns == "score") == ["0", "19"]
+
+
+def test_a_record_without_value_is_a_dead_letter():
+    fold, log = fresh_fold()
+    result = log.process([Message(SETTINGS.topic("outcomes"), 0, 7, None, None)])
+    [(_, letter)] = result.dead
+    assert letter.reason is DeadLetterReason.NOT_WIRE_FORMAT
+    assert fold.partitions[0].positions == {SETTINGS.topic("outcomes"): 8}  # judged, never again
 
 
 def test_a_poison_event_becomes_a_dead_letter_and_the_unit_keeps_the_rest():
     class Fragile(Stage1):
-        def _apply(self, state, events, config):
-            if any(event["event_id"] == "x2" for _, event, _ in events):
-                state.fates["half-written"] = 1  # a failure midway must not leave this behind
+        def _apply(self, table, events, rows):
+            if any((e.decoded.numbers["event_time"][e.picked] == T0 + 2).any() for e in events):
+                table.columns["fates"][rows[0], 0] += 100  # a failure midway must not leave this behind
                 raise RuntimeError("boom")
-            return super()._apply(state, events, config)
+            return super()._apply(table, events, rows)
 
-    fold, units = stage1(Fragile)
-    result = fold.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.OUTCOME, 2), message(EventKind.OUTCOME, 3)])
+    fold = Fragile(SETTINGS, CODEC, Experiments())
+    log = Log(fold)
+    result = log.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.OUTCOME, 2), message(EventKind.OUTCOME, 3)])
     [(dead_message, letter)] = result.dead
     assert dead_message.offset == 2 and letter.reason is DeadLetterReason.PROCESSING_ERROR and "boom" in letter.detail
-    [(_, key, stored)] = result.unit_writes
-    state = UnitState.from_bytes(stored)
-    assert state.variant == "treatment" and state.fates == {"attributed": 1} and state.totals == {"conversion": 1.0}
-    [(_, _, partial)] = fold.take_dirty()
-    assert partial.stats(CONFIG.primary_metric)["treatment"].successes == 1
+    assert partial_of(fold).fates == {"attributed": 1}
+    assert partial_of(fold).stats(CONFIGS["e"].primary_metric)["treatment"].successes == 1
+    again = Stage1(SETTINGS, CODEC, Experiments())
+    again.load(0, log.transactions[0], from_start=True)
+    assert partial_of(again).to_dict() == partial_of(fold).to_dict()
 
 
-def test_a_huge_finite_score_is_binned_not_a_crash():
-    fold, _ = stage1()
-    result = fold.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.PREDICTION, 2, score=1e307),
-                           message(EventKind.PREDICTION, 3, score=-1e307)])
-    assert result.dead == []
-    [(_, _, stored)] = result.unit_writes
-    state = UnitState.from_bytes(stored)
-    assert sorted(key.split(":")[1] for ns, _, key in state.counters if ns == "score") == ["0", "19"]
-
-
-def test_a_record_without_value_is_a_dead_letter():
-    fold, _ = stage1()
-    result = fold.process([Message(SETTINGS.topic("outcomes"), 0, 7, None, None)])
-    [(_, letter)] = result.dead
-    assert letter.reason is DeadLetterReason.NOT_WIRE_FORMAT
-
-
-def shadow(offset: int, **fields) -> Message:
-    run = {"event_id": f"s{offset}", "event_time": 1_767_225_600_000 + offset, "experiment_id": "e", "unit_id": "u1",
-           "request_id": "r", "champion_model": "m", "champion_version": "1", "challenger_model": "m",
-           "challenger_version": "2", "champion_score": 0.375, "challenger_score": 0.75, "champion_label": None,
-           "challenger_label": None, "champion_latency_ms": 10.0, "challenger_latency_ms": 14.0,
-           "challenger_status": "ok", **fields}
-    return Message(SETTINGS.topic("shadow"), 0, offset, b"u1", CODEC.encode(EventKind.SHADOW, run))
-
-
-def test_a_redelivered_message_changes_nothing_however_many_events_came_between():
-    fold, units = stage1()
-    batch = [message(EventKind.ASSIGNMENT, 1)] + [message(EventKind.PREDICTION, i, latency_ms=float(i)) for i in range(2, 300)]
-    for _, key, stored in fold.process(batch).unit_writes:
-        units[key] = stored
-    before = fold.take_dirty()[0][2].to_dict()
-    # A hand-over redelivers from the last commit: the same offsets, far more than the id window back.
-    result = fold.process(batch[:5])
-    assert result.unit_writes == [] and fold.take_dirty() == []
-    assert fold.partials[0]["e"].to_dict() == before
-
-
-def test_a_re_sent_event_is_a_duplicate_at_another_offset():
-    fold, units = stage1()
-    first = fold.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.OUTCOME, 2)])
-    for _, key, stored in first.unit_writes:
-        units[key] = stored
-    resent = message(EventKind.OUTCOME, 2)
-    resent.offset = 9
-    assert fold.process([resent]).unit_writes == []
-    assert fold.partials[0]["e"].stats(CONFIG.primary_metric)["treatment"].successes == 1
-
-
-def test_the_folded_partial_equals_the_sum_of_the_unit_states():
-    # The fold moves a partial by deltas and counter journals; the reference is a partial
-    # built from scratch from the final unit states.
-    import random
-
-    from streams.partials import Partial
-
-    rng = random.Random(3)
-    fold, units = stage1()
-    offset = 0
-    for batch_no in range(30):
-        batch = []
-        for _ in range(rng.randint(1, 40)):
-            offset += 1
-            unit = f"u{rng.randint(1, 12)}"
-            kind = rng.choice([EventKind.ASSIGNMENT, EventKind.PREDICTION, EventKind.OUTCOME, EventKind.SHADOW])
-            if kind is EventKind.SHADOW:
-                m = shadow(offset, unit_id=unit, challenger_status=rng.choice(["ok", "error"]),
-                           challenger_score=rng.randint(0, 8) / 8)  # binary fractions: float sums stay exact
-            else:
-                extra = {EventKind.ASSIGNMENT: {"variant": rng.choice(["control", "treatment"])},
-                         EventKind.PREDICTION: {"variant": rng.choice(["control", "treatment"]), "score": rng.random(),
-                                                "latency_ms": rng.uniform(1, 500), "status": rng.choice(["ok", "error"])},
-                         EventKind.OUTCOME: {"value": float(rng.randint(0, 1))}}[kind]
-                m = message(kind, offset, unit_id=unit, event_time=1_767_225_600_000 + rng.randint(0, 10**6), **extra)
-            m.key = unit.encode()
-            batch.append(m)
-            if rng.random() < 0.1:
-                batch.append(m)  # a redelivery inside the batch
-        for _, key, stored in fold.process(batch).unit_writes:
-            units[key] = stored
-    reference = Partial()
-    for stored in units.values():
-        reference.add_unit(UnitState.from_bytes(stored), CONFIG.metrics)
-    folded = fold.partials[0]["e"].to_dict()
-    expected = reference.to_dict()
-    assert folded == expected
-
-
-def test_a_unit_state_survives_its_stored_form():
-    state = UnitState()
-    state.first_time("a\n1", 5)  # the id hashes may contain any byte, the newline included
-    for i in range(100):
-        state.first_time(f"p{i}", 10 + i)
-    state.expose("treatment", 3, 1000, frozenset({"conversion"}))
-    state.outcome("conversion", 4, 1.0, 1000, frozenset({"conversion"}))
-    state.predicted({"variant": "control", "status": "ok", "latency_ms": 12.5, "score": 0.3, "event_time": 7})
-    state.applied_before(2, 41)
-    assert UnitState.from_bytes(state.to_bytes()) == state
-    assert len(state.recent_ids) == 64 * 8 and not state.first_time("p99", 0) and state.first_time("p1", 0)
-
-
-def test_a_stored_unit_state_that_names_a_callable_is_refused():
-    import pickle
-
-    import pytest
-
-    class Payload:
-        def __reduce__(self):
-            return (print, ("this must not run",))
-
-    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
-        UnitState.from_bytes(pickle.dumps(Payload(), protocol=5))
-
-
-def test_prediction_latencies_reach_the_histogram_once_even_when_a_batch_is_applied_twice():
+def test_prediction_latencies_reach_the_histogram_once_even_when_a_batch_is_folded_twice(monkeypatch):
     from prometheus_client import REGISTRY
 
     def latency_count() -> float:
-        return REGISTRY.get_sample_value("abstream_prediction_latency_seconds_count", {"experiment": "e", "variant": "treatment"}) or 0.0
+        return REGISTRY.get_sample_value("abstream_prediction_latency_seconds_count",
+                                         {"experiment": "e", "variant": "treatment"}) or 0.0
 
-    class Fragile(Stage1):
-        def _apply(self, state, events, config):
-            if any(event["event_id"] == "x9" for _, event, _ in events):
-                raise RuntimeError("boom")  # after the fast path has seen the predictions before it
-            return super()._apply(state, events, config)
+    real, calls = UnitTable.delta_chunks, []
 
-    fold, _ = stage1(Fragile)
+    def fails_once(self, *args):
+        calls.append(args)
+        if len(calls) == 1:  # after the batch's events were applied and counted: the fold starts over
+            raise RuntimeError("boom")
+        return real(self, *args)
+
+    monkeypatch.setattr(UnitTable, "delta_chunks", fails_once)
+    fold, log = fresh_fold()
     before = latency_count()
-    result = fold.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.PREDICTION, 2, latency_ms=30.0),
-                           message(EventKind.PREDICTION, 3, latency_ms=3000.0), message(EventKind.OUTCOME, 9)])
-    assert len(result.dead) == 1
+    result = log.process([message(EventKind.PREDICTION, 2, latency_ms=30.0), message(EventKind.PREDICTION, 3, latency_ms=3000.0)])
+    assert result.dead == [] and len(calls) > 1
     assert latency_count() - before == 2
+    assert partial_of(fold).counters[("status", "treatment", "ok")] == 2
     assert REGISTRY.get_sample_value("abstream_prediction_latency_seconds_bucket",
                                      {"experiment": "e", "variant": "treatment", "le": "0.05"}) >= 1
-
-
-def test_any_unit_state_survives_its_stored_form():
-    from hypothesis import given, settings as hsettings, strategies as st
-
-    metrics = frozenset({"m", "n"})
-    operation = st.one_of(
-        st.tuples(st.just("id"), st.text(max_size=20), st.integers(0, 10**13)),
-        st.tuples(st.just("expose"), st.sampled_from(["control", "treatment", "ü\n"]), st.integers(0, 10**13)),
-        st.tuples(st.just("outcome"), st.sampled_from(["m", "n", "x"]), st.integers(0, 10**13),
-                  st.floats(-1e9, 1e9, allow_nan=False)),
-        st.tuples(st.just("predicted"), st.sampled_from(["control", "treatment"]), st.floats(0, 1e5),
-                  st.one_of(st.none(), st.floats(-5, 5)), st.sampled_from(["ok", "error", "timeout"])),
-        st.tuples(st.just("offset"), st.integers(0, 3), st.integers(0, 2**62)),
-    )
-
-    @hsettings(max_examples=200, deadline=None)
-    @given(st.lists(operation, max_size=60))
-    def check(operations):
-        state = UnitState()
-        for op in operations:
-            if op[0] == "id":
-                state.first_time(op[1], op[2])
-            elif op[0] == "expose":
-                state.expose(op[1], op[2], 10**6, metrics)
-            elif op[0] == "outcome":
-                state.outcome(op[1], op[2], op[3], 10**6, metrics)
-            elif op[0] == "predicted":
-                state.predicted({"variant": op[1], "latency_ms": op[2], "score": op[3], "status": op[4], "event_time": 7})
-            else:
-                state.applied_before(op[1], op[2])
-        assert UnitState.from_bytes(state.to_bytes()) == state
-        assert state.copy() == state
-
-    check()
 
 
 def test_events_of_an_unknown_experiment_are_dead_letters_when_the_catalogue_cannot_be_refreshed():
@@ -250,11 +463,37 @@ def test_events_of_an_unknown_experiment_are_dead_letters_when_the_catalogue_can
             self.refreshes += 1
             raise ExperimentTopicError("cannot ask for the end of experiments: broker down")
 
-    units: dict = {}
     catalogue = Unreachable()
-    fold = Stage1(SETTINGS, CODEC, catalogue, read_unit=units.get, scan_units=lambda: list(units.items()))
-    result = fold.process([message(EventKind.ASSIGNMENT, 1, experiment_id="new"), message(EventKind.ASSIGNMENT, 2),
-                           message(EventKind.OUTCOME, 3, experiment_id="new")])
-    assert [(m.offset, letter.reason) for m, letter in result.dead] == \
+    fold = Stage1(SETTINGS, CODEC, catalogue)
+    result = Log(fold).process([message(EventKind.ASSIGNMENT, 1, experiment_id="new"), message(EventKind.ASSIGNMENT, 2),
+                                message(EventKind.OUTCOME, 3, experiment_id="new")])
+    assert sorted((m.offset, letter.reason) for m, letter in result.dead) == \
         [(1, DeadLetterReason.UNKNOWN_EXPERIMENT), (3, DeadLetterReason.UNKNOWN_EXPERIMENT)]
-    assert len(result.unit_writes) == 1 and catalogue.refreshes == 1  # the known experiment's event is folded
+    assert fold.unit_states() == 1 and catalogue.refreshes == 1  # the known experiment's event is folded
+
+
+def test_expired_experiments_leave_the_state_and_a_snapshot_holds_the_rest():
+    fold, log = fresh_fold()
+    log.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.ASSIGNMENT, 2, experiment_id="r", variant="a"),
+                 message(EventKind.OUTCOME, 3, experiment_id="r", metric="clicks", value=2.0)])
+    assert fold.expire({"e"}) == [0] and fold.expire({"e"}) == []
+    assert set(fold.partitions[0].partials) == {"r"} and fold.unit_states() == 1
+    again = Stage1(SETTINGS, CODEC, Experiments())
+    again.load(0, [("snapshot", fold.snapshot(0))], from_start=True)
+    assert partial_of(again, 0, "r").to_dict() == partial_of(fold, 0, "r").to_dict()
+    assert again.partitions[0].positions == fold.partitions[0].positions
+
+
+def test_a_chunk_holds_no_code_and_refuses_what_it_does_not_know():
+    chunk = pack({"kind": "x"}, {"a": np.arange(3, dtype=np.int64)})
+    meta, arrays = unpack(chunk)
+    assert meta == {"kind": "x"} and arrays["a"].tolist() == [0, 1, 2]
+    with pytest.raises(TypeError):
+        pack({}, {"a": np.array([object()], dtype=object)})
+    forged = chunk.replace(b'"<i8"', b'"|O8"')
+    with pytest.raises(ValueError):
+        unpack(forged)
+    table = UnitTable()
+    with pytest.raises(ValueError):
+        table.apply_chunk({"experiments": [], "variants": [], "metrics": [], "new": [[5, 0, "u"]], "awaiting": {}},
+                          {"rows": np.zeros(0, dtype=np.int64)})

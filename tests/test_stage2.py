@@ -3,9 +3,8 @@ the pure functions the worker calls: what a canary and a bandit do after each.""
 from __future__ import annotations
 
 from streams.experiments import ExperimentConfig, start
-from streams.partials import Partial
+from streams.partials import Partial, VariantPartial
 from streams.stage2 import MANUAL, ControlState, apply_order, control
-from streams.units import UnitState
 
 T0 = 1_767_225_600_000
 
@@ -19,13 +18,12 @@ def config(experiment_id: str, **extra) -> ExperimentConfig:
 
 
 def partial_of(cfg: ExperimentConfig, units_per_variant: int, converted_share: dict[str, float]) -> Partial:
-    partial = Partial()
+    """A partial of units exposed one second apart, a share of each variant converted."""
+    partial = Partial(watermark_ms=T0 + (units_per_variant - 1) * 1000, first_exposure_ms=T0)
     for variant in ("control", "treatment"):
-        for i in range(units_per_variant):
-            converted = i < converted_share[variant] * units_per_variant
-            state = UnitState(variant=variant, exposed_ms=T0 + i * 1000, last_ms=T0 + i * 1000,
-                              totals={"conversion": 1.0} if converted else {}, fates={"attributed": 1} if converted else {})
-            partial.add_unit(state, cfg.metrics)
+        converted = sum(1 for i in range(units_per_variant) if i < converted_share[variant] * units_per_variant)
+        partial.variants[variant] = VariantPartial(units_per_variant, {"conversion": [float(converted)]})
+        partial.fates["attributed"] = partial.fates.get("attributed", 0) + converted
     return partial
 
 
