@@ -514,7 +514,8 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
             worker_cpu_share=[round((b - a) / seconds, 3) for a, b in zip(cpu0, cpu1)],
             rate_per_worker_cpu_s=n / max(1e-9, sum(cpu1) - sum(cpu0)),
             broker_cpu_share=round((broker_cpu1 - broker_cpu0) / seconds, 3),
-            worker_rss_mb=[round(w.rss_bytes() / 2**20, 1) for w in workers])
+            worker_rss_mb=[round(w.rss_bytes() / 2**20, 1) for w in workers],
+            batches=[batch_histograms(w) for w in workers])
         if n_workers == 1 and not profile_s:
             written = state_log_figures(settings)
             input_bytes = sum(map(len, corpus.values)) + sum(map(len, corpus.keys))

@@ -49,13 +49,20 @@ class BatchConsumer(faust_aiokafka.Consumer):
         app = self.app
         handler: BatchHandler = app.abstream_batch_handler
         batch_topics: frozenset[str] = app.abstream_batch_topics
+        async def next_records() -> tuple[dict, int]:
+            records, _ = await self._wait_next_records(1.0)
+            return records or {}, app.consumer_generation_id
+
+        # The next batch is fetched (aiokafka builds its records) while this one's state is written:
+        # each took 10-20 ms per 10,000 events in make bench, one after the other before.
+        prefetched: asyncio.Future | None = None
         try:
             while not (self._stopped.is_set() or fetcher._stopped.is_set()):
-                records, _ = await self._wait_next_records(1.0)
+                records, generation = await (prefetched or next_records())
+                prefetched = None
                 await self.sleep(0)
                 if not records or self.should_stop:
                     continue
-                generation = app.consumer_generation_id
                 batch = {}
                 spans = {}
                 for tp, tp_records in records.items():
@@ -75,14 +82,18 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     for marker in markers.values():
                         self.track_message(marker)
                     processing = asyncio.ensure_future(handler(batch))
+                    prefetched = asyncio.ensure_future(next_records())
                     try:
                         unwritten = await asyncio.shield(processing)
                     except asyncio.CancelledError:
                         # The worker is stopping: finish the batch and ack it, so that the
                         # consumer's last commit covers it rather than its next owner redoing it.
+                        prefetched.cancel()
                         await self._ack_written(await processing, spans, markers)
                         raise
                     await self._ack_written(unwritten, spans, markers)
+                    if unwritten:  # those partitions are read again from the batch's start
+                        prefetched = asyncio.ensure_future(_without(prefetched, unwritten))
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
@@ -94,6 +105,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if self.transport.app.should_stop:
                 return
             raise
+        finally:
+            if prefetched is not None:
+                prefetched.cancel()
 
 
     async def _ack_written(self, unwritten: set[tuple[str, int]], spans: dict, markers: dict) -> None:
@@ -120,6 +134,11 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 self._n_acked += len(fresh)
         for marker in markers.values():
             self.ack(marker)
+
+
+async def _without(fetching: asyncio.Future, partitions: set[tuple[str, int]]) -> tuple[dict, int]:
+    records, generation = await fetching
+    return {tp: r for tp, r in records.items() if (tp.topic, tp.partition) not in partitions}, generation
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):

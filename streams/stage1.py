@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -56,6 +57,7 @@ _LOG_GAMMA = math.log(LATENCY_SKETCH.gamma)
 # records to rebuild the partition, and snapshots cost at most half of what deltas do.
 SNAPSHOT_AFTER_BYTES = 8 * 1024 * 1024
 _UNKNOWN, _IGNORED, _ACTIVE = 0, 1, 2
+_value_of = attrgetter("value")
 
 
 class InputMessage(Protocol):
@@ -285,7 +287,7 @@ class Stage1:
         those of unknown experiments, count those of inactive ones, and route the rest to their
         partitions' tables (rows created for units seen for the first time)."""
         messages = _Concatenated([ms for _, ms in parts])
-        decoded = self.decoders[kind].decode([m.value for _, ms in parts for m in ms])
+        decoded = self.decoders[kind].decode([value for _, ms in parts for value in map(_value_of, ms)])
         partitions = np.repeat(np.array([p for p, _ in parts], dtype=np.int64), [len(ms) for _, ms in parts])
         short = self.short_names[self.topics[kind]]
         for i, letter in sorted(decoded.letters.items()):
@@ -425,7 +427,10 @@ class Stage1:
         columns = np.concatenate([e.metrics for e in events])
         values = np.concatenate([e.decoded.numbers["value"][e.picked] if e.kind is EventKind.OUTCOME
                                  else np.zeros(len(e)) for e in events])
-        names = np.concatenate([_metric_names(e) for e in events])
+        outcomes = next((e for e in events if e.kind is EventKind.OUTCOME), None)
+        metric_names = outcomes.decoded.strings["metric"].values if outcomes is not None else []
+        names = np.concatenate([e.decoded.strings["metric"].codes[e.picked] if e is outcomes
+                                else np.full(len(e), -1, dtype=np.int64) for e in events])
         rules = self._rules(table)
         # rank[i]: how many events of row rows[i] come before event i in the batch.
         order = np.argsort(rows, kind="stable")
@@ -440,7 +445,7 @@ class Stage1:
         for r in range(bounds.size - 1):
             at = by_rank[bounds[r]:bounds[r + 1]]
             first = table.apply_round(Round(rows[at], kinds[at], hashes[at], times[at], variants[at], columns[at],
-                                            values[at], names[at]), rules)
+                                            values[at], names[at], metric_names), rules)
             applied[at] = first
             written_rows.append(rows[at][first])
             written_hashes.append(hashes[at][first])
@@ -533,13 +538,6 @@ class Stage1:
             for key, total_s in seconds_by_label.items():
                 metrics.PREDICTION_LATENCY.add(key, buckets.get(key, {}), total_s)
         return observe
-
-
-def _metric_names(e: _Events) -> np.ndarray:
-    if e.kind is not EventKind.OUTCOME:
-        return np.full(len(e), None, dtype=object)
-    metric = e.decoded.strings["metric"]
-    return np.asarray(metric.values, dtype=object)[metric.codes[e.picked]]
 
 
 def _tracked_columns(table: UnitTable, configs: list, status: np.ndarray, metric: StringColumn,

@@ -89,7 +89,8 @@ class Round:
 
     ``variants``: the table's variant code named by an assignment or prediction (-1 otherwise);
     ``metrics``: the totals column of an outcome's metric when its experiment tracks it, else -1;
-    ``metric_names``: the outcome's metric name (an object array: outcomes that must wait keep it).
+    ``names``: an outcome's metric name as a code into ``metric_names`` (outcomes that must wait
+    keep the name), -1 otherwise.
     """
 
     rows: np.ndarray
@@ -99,7 +100,8 @@ class Round:
     variants: np.ndarray
     metrics: np.ndarray
     values: np.ndarray
-    metric_names: np.ndarray
+    names: np.ndarray
+    metric_names: list[str]
 
 
 # Columns per row: name -> (dtype, initial value). Width-varying ones (totals, predicted, ring,
@@ -188,6 +190,19 @@ class UnitTable:
         """The totals column of an outcome name, -1 if it has none."""
         return self._metric_codes.get(name, -1)
 
+    def _add_rows(self, experiments: list[int], unit_ids: list[str]) -> None:
+        """Append rows for these (experiment code, unit) pairs, in order (a chunk's new rows)."""
+        first = self.n
+        for offset, (experiment, unit_id) in enumerate(zip(experiments, unit_ids)):
+            index = self._rows[experiment]
+            if unit_id in index:
+                raise ValueError(f"a unit-state chunk adds a row for a unit the table holds already (row {index[unit_id]})")
+            index[unit_id] = first + offset
+        self._ensure(first + len(unit_ids))
+        self.n = first + len(unit_ids)
+        self.unit_ids.extend(unit_ids)
+        self.columns["experiment"][first:self.n] = experiments
+
     def rows_of_experiment(self, experiment_code: int) -> np.ndarray:
         return np.flatnonzero(self.columns["experiment"][:self.n] == experiment_code)
 
@@ -219,7 +234,7 @@ class UnitTable:
         outcome = np.flatnonzero(first & (kinds == EventCode.OUTCOME))
         if outcome.size:
             self._outcomes(rows[outcome], events.times[outcome], events.values[outcome], events.metrics[outcome],
-                           events.metric_names[outcome], rules)
+                           events.names[outcome], events.metric_names, rules)
         return first
 
     def _expose(self, rows: np.ndarray, variants: np.ndarray, times: np.ndarray, rules: Rules) -> None:
@@ -231,29 +246,45 @@ class UnitTable:
         c["variant"][exposed] = variants[fresh]
         c["exposed_ms"][exposed] = times[fresh]
         if self.awaiting:
-            for row in exposed.tolist():
-                if row in self.awaiting:
-                    self._judge_awaiting(row, rules)
+            waited = [row for row in exposed.tolist() if row in self.awaiting]
+            if waited:
+                self._judge_awaiting(waited, rules)
 
-    def _judge_awaiting(self, row: int, rules: Rules) -> None:
-        waiting = self.awaiting.pop(row)
-        self._awaiting_changed.add(row)
-        self.columns["fates"][row, _AWAITING] -= len(waiting)
-        tracked = rules.tracked[int(self.columns["experiment"][row])]
-        for metric, time_ms, value in waiting:
-            self._outcomes(np.array([row]), np.array([time_ms]), np.array([value]),
-                           np.array([self.metric_column(metric) if metric in tracked else -1]),
-                           np.array([metric], dtype=object), rules)
+    def _judge_awaiting(self, rows: list[int], rules: Rules) -> None:
+        """Judge the outcomes that waited for these rows' exposure (just seen), in their order."""
+        c = self.columns
+        at, times, values, metrics = [], [], [], []
+        for row in rows:
+            waiting = self.awaiting.pop(row)
+            self._awaiting_changed.add(row)
+            c["fates"][row, _AWAITING] -= len(waiting)
+            tracked = rules.tracked[int(c["experiment"][row])]
+            for metric, time_ms, value in waiting:
+                at.append(row)
+                times.append(time_ms)
+                values.append(value)
+                metrics.append(self.metric_column(metric) if metric in tracked else -1)
+        at_rows, metric_columns = np.array(at, dtype=np.int64), np.array(metrics, dtype=np.int64)
+        fate = self._fate(at_rows, np.array(times, dtype=np.int64), rules)
+        # A row may have several: np.add.at adds each, in order (fancy += would add once).
+        np.add.at(c["fates"], (at_rows, fate), 1)
+        counted = (fate == _ATTRIBUTED) & (metric_columns >= 0)
+        np.add.at(c["totals"], (at_rows[counted], metric_columns[counted]), np.array(values)[counted])
 
-    def _outcomes(self, rows: np.ndarray, times: np.ndarray, values: np.ndarray, metrics: np.ndarray,
-                  names: np.ndarray, rules: Rules) -> None:
+    def _fate(self, rows: np.ndarray, times: np.ndarray, rules: Rules) -> np.ndarray:
+        """The fate of outcomes at ``times`` of exposed rows."""
         c = self.columns
         exposed_ms = c["exposed_ms"][rows]
         windows = rules.window_ms[c["experiment"][rows]]
-        fate = np.where(times < exposed_ms, _BEFORE, np.where(times >= exposed_ms + windows, _AFTER, _ATTRIBUTED))
+        return np.where(times < exposed_ms, _BEFORE, np.where(times >= exposed_ms + windows, _AFTER, _ATTRIBUTED))
+
+    def _outcomes(self, rows: np.ndarray, times: np.ndarray, values: np.ndarray, metrics: np.ndarray,
+                  names: np.ndarray, metric_names: list[str], rules: Rules) -> None:
+        c = self.columns
         judged = np.flatnonzero(c["variant"][rows] != NOT_EXPOSED)
-        c["fates"][rows[judged], fate[judged]] += 1
-        counted = judged[(fate[judged] == _ATTRIBUTED) & (metrics[judged] >= 0)]
+        fate = self._fate(rows[judged], times[judged], rules)
+        c["fates"][rows[judged], fate] += 1
+        counted = judged[(fate == _ATTRIBUTED) & (metrics[judged] >= 0)]
         c["totals"][rows[counted], metrics[counted]] += values[counted]
         if judged.size == rows.size:
             return
@@ -264,7 +295,7 @@ class UnitTable:
             if len(waiting) >= MAX_AWAITING_OUTCOMES:
                 c["fates"][row, _DROPPED] += 1
                 continue
-            waiting.append((str(names[i]), int(times[i]), float(values[i])))
+            waiting.append((metric_names[names[i]], int(times[i]), float(values[i])))
             c["fates"][row, _AWAITING] += 1
 
     # --- undo ---------------------------------------------------------------------------------
@@ -321,27 +352,37 @@ class UnitTable:
         chunks = []
         for start in range(0, rows.size, DELTA_ROWS_PER_CHUNK):
             part = rows[start:start + DELTA_ROWS_PER_CHUNK]
-            arrays = self._row_arrays(part)
+            arrays = self._row_arrays(part, first_new_row)
             if window_writes is None:
-                arrays["ring"] = self.columns["ring"][part]
+                arrays |= self._windows(part)
             else:
                 written = np.isin(window_writes[0], part)
                 arrays |= self._window_slots(window_writes[0][written], window_writes[1][written])
-            chunks.append(pack(self._row_meta(part, first_new_row, self._awaiting_changed), arrays))
+            chunks.append(pack(self._row_meta(part, self._awaiting_changed), arrays))
         self._awaiting_changed.clear()
         return chunks
 
-    def _row_meta(self, part: np.ndarray, first_new_row: int, awaiting: set[int] | None) -> dict:
-        """Names (so that codes mean the same to a reader), the new rows' keys and the rows' waiting
-        outcomes (every row's in a snapshot; in a delta, the rows whose waiting outcomes changed)."""
-        c = self.columns
+    def _row_meta(self, part: np.ndarray, awaiting: set[int] | None) -> dict:
+        """Names (so that codes mean the same to a reader) and the rows' waiting outcomes (every
+        row's in a snapshot; in a delta, the rows whose waiting outcomes changed)."""
         return {"kind": "rows", "experiments": self.experiments, "variants": self.variants, "metrics": self.metrics,
-                "new": [[r, int(c["experiment"][r]), self.unit_ids[r]] for r in part[part >= first_new_row].tolist()],
                 "awaiting": {str(r): self.awaiting.get(r, []) for r in part.tolist()
                              if (r in self.awaiting if awaiting is None else r in awaiting)}}
 
-    def _row_arrays(self, part: np.ndarray) -> dict[str, np.ndarray]:
-        return {"rows": part} | {name: self.columns[name][part] for name in _DELTA_COLUMNS}
+    def _row_arrays(self, part: np.ndarray, first_new_row: int) -> dict[str, np.ndarray]:
+        """The rows' columns, and the unit ids of the new ones (their UTF-8 bytes end to end)."""
+        new = part[part >= first_new_row]
+        ids = [self.unit_ids[r].encode() for r in new.tolist()]
+        return {"rows": part} | {name: self.columns[name][part] for name in _DELTA_COLUMNS} | {
+            "new_rows": new, "new_id_bytes": np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)),
+            "new_ids": np.frombuffer(b"".join(ids), dtype=np.uint8)}
+
+    def _windows(self, part: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows' whole id windows, their occupied slots only: a window fills slots 0, 1, ...
+        and wraps only once full, so a row's ids are its first ring_count slots (~8 bytes per
+        event of a unit with few events, not 512 bytes)."""
+        held = np.arange(RECENT_EVENT_IDS) < self.columns["ring_count"][part][:, None]
+        return {"ring_hashes": self.columns["ring"][part][held]}
 
     def _window_slots(self, rows: np.ndarray, hashes: np.ndarray) -> dict[str, np.ndarray]:
         """The final (row, slot, hash) of a batch's id-window writes: slots counted back from each
@@ -364,9 +405,7 @@ class UnitTable:
         chunks = []
         for start in range(0, self.n, SNAPSHOT_ROWS_PER_CHUNK):
             part = np.arange(start, min(self.n, start + SNAPSHOT_ROWS_PER_CHUNK), dtype=np.int64)
-            arrays = self._row_arrays(part)
-            arrays["ring"] = self.columns["ring"][part]
-            chunks.append(pack(self._row_meta(part, 0, None), arrays))
+            chunks.append(pack(self._row_meta(part, None), self._row_arrays(part, 0) | self._windows(part)))
         return chunks
 
     def apply_chunk(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -380,10 +419,14 @@ class UnitTable:
             self.metric_code(name)
         if self.experiments != meta["experiments"] or self.variants != meta["variants"] or self.metrics != meta["metrics"]:
             raise ValueError("a unit-state chunk names experiments, variants or metrics in another order than the table")
-        for row, experiment, unit_id in meta["new"]:
-            if row != self.n or self._rows[experiment].get(unit_id) is not None:
-                raise ValueError(f"a unit-state chunk adds row {row} to a table of {self.n} rows")
-            self.rows_of(experiment, [unit_id])
+        new_rows = arrays["new_rows"]
+        if new_rows.size and (new_rows[0] != self.n or np.any(np.diff(new_rows) != 1)):
+            raise ValueError(f"a unit-state chunk adds rows from {new_rows[0]} to a table of {self.n} rows")
+        if new_rows.size:
+            ends = np.cumsum(arrays["new_id_bytes"]).tolist()
+            blob = arrays["new_ids"].tobytes()
+            ids = [blob[start:end].decode() for start, end in zip([0] + ends[:-1], ends)]
+            self._add_rows(arrays["experiment"][np.searchsorted(arrays["rows"], new_rows)].tolist(), ids)
         rows = arrays["rows"]
         if rows.size and int(rows.max()) >= self.n:
             raise ValueError("a unit-state chunk changes a row the table does not have")
@@ -394,10 +437,13 @@ class UnitTable:
                 target[rows, :value.shape[1]] = value
             else:
                 target[rows] = value
-        if "ring" in arrays:
-            self.columns["ring"][rows] = arrays["ring"]
-        else:
+        if "ring_slots" in arrays:
             self.columns["ring"][arrays["ring_rows"], arrays["ring_slots"]] = arrays["ring_hashes"]
+        else:
+            held = np.arange(RECENT_EVENT_IDS) < arrays["ring_count"][:, None]
+            windows = np.zeros((rows.size, RECENT_EVENT_IDS), dtype=np.uint64)
+            windows[held] = arrays["ring_hashes"]
+            self.columns["ring"][rows] = windows
         for row, waiting in meta["awaiting"].items():
             if waiting:
                 self.awaiting[int(row)] = [tuple(w) for w in waiting]

@@ -493,7 +493,10 @@ def test_a_chunk_holds_no_code_and_refuses_what_it_does_not_know():
     forged = chunk.replace(b'"<i8"', b'"|O8"')
     with pytest.raises(ValueError):
         unpack(forged)
-    table = UnitTable()
-    with pytest.raises(ValueError):
-        table.apply_chunk({"experiments": [], "variants": [], "metrics": [], "new": [[5, 0, "u"]], "awaiting": {}},
-                          {"rows": np.zeros(0, dtype=np.int64)})
+    fold, log = fresh_fold()
+    log.process([message(EventKind.ASSIGNMENT, 1)])
+    [rows_chunk, _] = log.transactions[0][0][1]
+    meta, arrays = unpack(rows_chunk)
+    with pytest.raises(ValueError, match="adds rows from 0 to a table of 1 rows"):
+        fold.partitions[0].table.apply_chunk(meta, arrays)  # the same new row once more
+    assert UnitTable().apply_chunk(meta, arrays) is None
