@@ -498,7 +498,9 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
             "experiments) and (b) the scrape (every 0.25 s) at which abstream_events_consumed_total summed over the "
             "workers reached the event count (shadow runs and predictions do not show in a decision). Includes the "
             "decision cadence (~1-2 s) and the producer's CPU while it publishes. steady_rate = slope of "
-            "abstream_events_consumed_total between 10% and 90% of the events.")
+            "abstream_events_consumed_total between 10% and 90% of the events. rate_after_publish = its slope from "
+            "the end of publishing to 98% of the events (at least 2 s of scrapes; else null): the workers' rate with "
+            "no producer on the machine.")
         if t_end is None:
             result.update(complete=False, rate=None, consumed=scraper.samples[-1]["consumed"] if scraper.samples else 0)
             return result
@@ -507,9 +509,14 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
         c10 = next(s["consumed"] for s in scraper.samples if s["t"] == t10)
         c90 = next(s["consumed"] for s in scraper.samples if s["t"] == t90)
         steady = (c90 - c10) / (t90 - t10) if t90 and t10 and t90 > t10 else None
+        # Once the producer is done, the workers share the machine with the broker only.
+        published = pub["t0"] + pub["seconds"]
+        after = [x for x in scraper.samples if published <= x["t"] and x["consumed"] < 0.98 * n]
+        after_publish = ((after[-1]["consumed"] - after[0]["consumed"]) / (after[-1]["t"] - after[0]["t"])
+                         if len(after) >= 8 else None)
         result.update(
             complete=True, seconds=round(seconds, 3), rate=n / seconds,
-            steady_rate=steady, first_consumed_after_s=round(t_first - pub["t0"], 3) if t_first else None,
+            steady_rate=steady, rate_after_publish=after_publish, first_consumed_after_s=round(t_first - pub["t0"], 3) if t_first else None,
             last_decision_after_s=round(t_stats - pub["t0"], 3), all_consumed_after_s=round(t_consumed - pub["t0"], 3),
             worker_cpu_share=[round((b - a) / seconds, 3) for a, b in zip(cpu0, cpu1)],
             rate_per_worker_cpu_s=n / max(1e-9, sum(cpu1) - sum(cpu0)),
@@ -1084,7 +1091,8 @@ def table(report: dict) -> str:
     for key, label in (("one_worker", "throughput, 1 worker"), ("two_workers", "throughput, 2 workers")):
         if tp.get(key, {}).get("rate"):
             r = tp[key]
-            rows.append((label, f"{r['rate']:,.0f} ev/s (steady {r['steady_rate'] or 0:,.0f})"))
+            rows.append((label, f"{r['rate']:,.0f} ev/s (steady {r['steady_rate'] or 0:,.0f}, "
+                                f"after publishing {r.get('rate_after_publish') or 0:,.0f})"))
     if "one_worker_vs_decode" in tp:
         rows.append(("1 worker / decode ceiling", f"{tp['one_worker_vs_decode']:.2f}"))
     if "one_worker_vs_decode_per_cpu_s" in tp:
@@ -1093,6 +1101,8 @@ def table(report: dict) -> str:
     if "two_vs_one" in tp:
         rows.append(("2 workers / 1 worker", f"{tp['two_vs_one']:.2f}"
                      f" (worker CPU shares {tp['two_workers'].get('worker_cpu_share')})"))
+    if "two_vs_one_after_publish" in tp:
+        rows.append(("2 workers / 1 worker, after publishing", f"{tp['two_vs_one_after_publish']:.2f}"))
     lat = report.get("latency", {})
     if "processed_rate_while_paced" in lat:
         rows.append((f"worker processed while {lat['offered_rate']:,.0f} ev/s offered", f"{lat['processed_rate_while_paced']:,} ev/s"))
@@ -1115,7 +1125,7 @@ def table(report: dict) -> str:
         rows.append((f"RSS at N/2, N (N={mem['events']:,}, {mem['units']:,} units)",
                      f"{m.get('half', {}).get('rss_mb', '?')} / {m.get('full', {}).get('rss_mb', '?')} MiB"
                      + (f" (+{mem['rss_growth_half_to_full']:.1%})" if "rss_growth_half_to_full" in mem else "")))
-        rows.append(("unit state: RSS/unit, changelog bytes/key",
+        rows.append(("unit state: RSS/unit, snapshot bytes/unit",
                      f"{mem.get('rss_per_unit_bytes_at_n', '?')} B, {mem.get('snapshot_bytes_per_unit', '?')} B"))
     s = report.get("sink", {}).get("sink", {})
     if "rows_per_s" in s:
@@ -1156,7 +1166,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(PARTS),
                         help=f"comma-separated parts: {', '.join(PARTS)}, profile (default: all but profile)")
-    parser.add_argument("--events", type=int, default=300_000, help="corpus size for ceilings and throughput")
+    # A million: at ~100,000 events/s a run of 300,000 took 3 s, a third of it fixed costs (the first
+    # fetch, the decision cadence).
+    parser.add_argument("--events", type=int, default=1_000_000, help="corpus size for ceilings and throughput")
     parser.add_argument("--rate", type=float, default=10_000, help="offered load of the latency and sink parts (events/s)")
     parser.add_argument("--latency-workers", type=int, default=1,
                         help="workers of the paced latency run (the target); a 30 s run with one more is reported beside it")
@@ -1228,6 +1240,9 @@ def main() -> int:
                 tp["one_worker_vs_decode"] = round(one / report["ceilings"]["decode"]["rate"], 3)
             if one and two:
                 tp["two_vs_one"] = round(two / one, 3)
+            one_after, two_after = tp["one_worker"].get("rate_after_publish"), tp["two_workers"].get("rate_after_publish")
+            if one_after and two_after:
+                tp["two_vs_one_after_publish"] = round(two_after / one_after, 3)
             if one and "decode" in report.get("ceilings", {}):
                 tp["one_worker_vs_decode_per_cpu_s"] = round(
                     tp["one_worker"]["rate_per_worker_cpu_s"] / report["ceilings"]["decode"]["rate_per_cpu_s"], 3)
