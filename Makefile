@@ -31,8 +31,8 @@ kafka-start: setup
 kafka-stop: setup
 	$(BIN)/abstream kafka stop
 
-## The benchmark (issue 10): its own broker, workers, paced load; writes bench/results.json (~40 min on 2 cores).
-## Not part of `make test`. BENCH_ARGS='--only throughput --events 200000' runs a part.
+## The benchmark (issue 10): its own broker, workers, paced load; writes bench/results.json (~8 min on 2 cores).
+## Not part of `make test`. BENCH_ARGS='--only throughput' runs a part.
 BENCH_ARGS ?=
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -1124,7 +1124,7 @@ def table(report: dict) -> str:
         m = mem["marks"]
         rows.append((f"RSS at N/2, N (N={mem['events']:,}, {mem['units']:,} units)",
                      f"{m.get('half', {}).get('rss_mb', '?')} / {m.get('full', {}).get('rss_mb', '?')} MiB"
-                     + (f" (+{mem['rss_growth_half_to_full']:.1%})" if "rss_growth_half_to_full" in mem else "")))
+                     + (f" ({mem['rss_growth_half_to_full']:+.1%})" if "rss_growth_half_to_full" in mem else "")))
         rows.append(("unit state: RSS/unit, snapshot bytes/unit",
                      f"{mem.get('rss_per_unit_bytes_at_n', '?')} B, {mem.get('snapshot_bytes_per_unit', '?')} B"))
     s = report.get("sink", {}).get("sink", {})
