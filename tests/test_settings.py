@@ -46,3 +46,12 @@ def test_to_env_round_trips():
 def test_bad_values_name_the_variable(env, words):
     with pytest.raises(SettingsError, match=words):
         Settings.from_env(env)
+
+
+def test_the_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Settings"):readme.index("## Metrics")]
+    missing = [name for name in Settings.from_env({}).to_env() if f"`{name}`" not in table]
+    assert not missing, f"settings missing from the README's table: {missing}"
