@@ -123,6 +123,10 @@ ALERTS = Counter(
 )
 KILLSWITCH = Counter("abstream_killswitch_total", "Kill-switch events published, by action.", ["experiment", "action"])
 UNIT_STATES = Gauge("abstream_unit_states", "Unit states (experiment x unit) held by this worker's stage 1.")
+STATE_WRITE_FAILURES = Counter(
+    "abstream_state_write_failures_total",
+    "Stage-1 state-log transactions Kafka did not take (per partition); that batch of the partition is read again."
+)
 SINK_LAST_WRITE = Gauge("abstream_sink_last_write_timestamp_seconds", "Unix time of the sink's last successful write.")
 SHADOW_DISAGREEMENT = Gauge(
     "abstream_shadow_disagreement_ratio", "Share of compared shadow runs where the challenger disagrees with the champion.",

@@ -29,6 +29,7 @@ import os
 import socket
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import faust
@@ -52,6 +53,8 @@ log = logging.getLogger("abstream.worker")
 # Partials are published after a batch at most this often; stage 2 collects them for this long.
 PARTIALS_GAP_S = 0.1
 STAGE2_WITHIN_S = 0.05
+# A batch whose state Kafka refused is read again after this wait, doubled on each refusal in a row.
+STATE_RETRY_MIN_S, STATE_RETRY_MAX_S = 0.25, 5.0
 # Allocations (net of deallocations) between young collections; Python's default is 700.
 GC_YOUNG_THRESHOLD = 50_000
 
@@ -131,6 +134,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     # and the log position of partitions it held before a rebalance (to continue from there).
     claimed: set[int] = set()
     held_tips: dict[int, int] = {}
+    retry = SimpleNamespace(delay_s=0.0)  # the wait before a batch whose state was refused is read again
     changed_experiments: set[str] = set()
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
@@ -223,10 +227,18 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         if result.dead:
             await app.producer.flush()
         unwritten, unsnapshotted = await app.loop.run_in_executor(None, write_state, result.transactions)
+        metrics.STATE_WRITE_FAILURES.inc(len(unwritten | unsnapshotted))
         for partition in unwritten | unsnapshotted:
             stage1.forget(partition)
             claimed.discard(partition)
             held_tips.pop(partition, None)
+        if unwritten:
+            # Kafka refuses the state (or another worker took the partition over): read it again
+            # after a while, not at once and in a loop.
+            retry.delay_s = min(STATE_RETRY_MAX_S, max(STATE_RETRY_MIN_S, 2 * retry.delay_s))
+            await asyncio.sleep(retry.delay_s)
+        else:
+            retry.delay_s = 0.0
         flushed = time.time()
         metrics.BATCH_PHASE_SECONDS.labels("state_write").observe(flushed - folded)
         # The batch's offsets are acked after this returns: its effects must be in Kafka first.

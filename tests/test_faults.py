@@ -41,7 +41,7 @@ from streams.processes import stop_worker, wait_healthy
 from streams.scenario import ArmTruth, ExperimentScenario, scenario_events
 from streams.settings import Settings
 from streams.simulate import malformed_payloads
-from streams.topics import DEADLETTER, INPUT_TOPICS, ensure_topics, make_producer
+from streams.topics import DEADLETTER, INPUT_TOPICS, STAGE1_STATE, ensure_topics, make_producer
 from streams.warehouse import RAW_TABLES
 from tests.support import (clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings, read_all,
                            rss_bytes, start_worker_process, wait_until)
@@ -580,6 +580,53 @@ def test_clickhouse_fails_for_60_seconds(cluster):
     assert worker.poll() is None
     report("clickhouse-down-60s", started, injected_at=injected_at, of=len(messages), retries=retries,
            rss_before_mb=rss_before / 2**20, samples=samples[::4] + samples[-1:], **result)
+
+
+# --- 5b. Kafka refuses stage 1's state for 20 s -----------------------------------------------
+
+def set_state_topic_record_limit(settings: Settings, limit: int | None) -> None:
+    """Lower the stage-1 state topic's max.message.bytes (the broker then refuses a batch's state
+    transaction as too large), or drop the override (None)."""
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+    entry = ConfigEntry("max.message.bytes", str(limit) if limit is not None else None,
+                        incremental_operation=AlterConfigOpType.SET if limit is not None else AlterConfigOpType.DELETE)
+    resource = ConfigResource("topic", settings.topic(STAGE1_STATE), incremental_configs=[entry])
+    admin = AdminClient(settings.kafka_config())  # held: a collected client cancels its futures
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
+
+
+def test_kafka_refuses_the_state_log_for_20_seconds(cluster):
+    """A batch whose state the broker does not take is neither acknowledged nor lost: the worker
+    reads the partition's state back from its log and the batch's messages again, until Kafka
+    takes them; the counts end exact."""
+    started = time.monotonic()
+    messages, configs = fault_stream(seed=7)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    worker = cluster.start("w0", sink=True)
+    s = cluster.worker_settings["w0"]
+    feeder = cluster.feed(messages, rate_per_s=len(messages) / 40)
+    wait_until(lambda: feeder.sent >= 0.2 * len(messages), 30, "the stream to flow")
+    # Claims (no payload) still pass; a batch's rows do not.
+    set_state_topic_record_limit(cluster.settings, 200)
+    refused_at = feeder.sent
+    wait_until(lambda: total(scrape(s), "abstream_state_write_failures_total") >= 3, 60, "refused state writes")
+    fault_ends = time.monotonic() + 20
+    while time.monotonic() < fault_ends:  # the fault lasts 20 s by definition
+        assert worker.poll() is None, cluster.log("w0")
+        time.sleep(1)
+    failures = total(scrape(s), "abstream_state_write_failures_total")
+    stage1_lag = sum(group_lag(s, f"{s.topic_prefix}worker", input_topics(s)).values())
+    assert stage1_lag > 0, "nothing may be acknowledged while its state is refused"
+    set_state_topic_record_limit(cluster.settings, None)
+    restored_at = feeder.sent
+    assert restored_at < len(messages), "the stream must go on past the fault"
+    result = settle_and_check(cluster.settings, s, expected, feeder, messages)
+    assert worker.poll() is None
+    report("state-log-refused", started, refused_at=refused_at, restored_at=restored_at, of=len(messages),
+           failures=failures, stage1_lag_at_end_of_fault=stage1_lag, **result)
 
 
 # --- 6. ten thousand fuzzed messages ----------------------------------------------------------
