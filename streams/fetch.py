@@ -91,9 +91,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         prefetched.cancel()
                         await self._ack_written(await processing, spans, markers)
                         raise
+                    if unwritten:
+                        # Those partitions are read again from the batch's start: the fetch in
+                        # flight must end before the seek (what it returns of them is stale and
+                        # dropped; a fetch across the seek could return the re-read records, and
+                        # dropping those would lose them).
+                        records, generation = await prefetched
+                        prefetched = asyncio.get_running_loop().create_future()
+                        prefetched.set_result(({tp: r for tp, r in records.items()
+                                                if (tp.topic, tp.partition) not in unwritten}, generation))
                     await self._ack_written(unwritten, spans, markers)
-                    if unwritten:  # those partitions are read again from the batch's start
-                        prefetched = asyncio.ensure_future(_without(prefetched, unwritten))
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
@@ -134,11 +141,6 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 self._n_acked += len(fresh)
         for marker in markers.values():
             self.ack(marker)
-
-
-async def _without(fetching: asyncio.Future, partitions: set[tuple[str, int]]) -> tuple[dict, int]:
-    records, generation = await fetching
-    return {tp: r for tp, r in records.items() if (tp.topic, tp.partition) not in partitions}, generation
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
