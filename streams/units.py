@@ -348,26 +348,27 @@ class UnitTable:
         """Chunks that bring a copy of this table from before a batch to now: ``rows`` are the
         rows the batch changed (sorted; every row from ``first_new_row`` on is new and among
         them), ``window_writes`` the (row, hash) appended to the id windows, in order (None:
-        carry the rows' whole windows)."""
+        carry the rows whole, their id windows and waiting outcomes, whatever changed)."""
         chunks = []
         for start in range(0, rows.size, DELTA_ROWS_PER_CHUNK):
             part = rows[start:start + DELTA_ROWS_PER_CHUNK]
             arrays = self._row_arrays(part, first_new_row)
             if window_writes is None:
                 arrays |= self._windows(part)
+                waiting = part.tolist()
             else:
                 written = np.isin(window_writes[0], part)
                 arrays |= self._window_slots(window_writes[0][written], window_writes[1][written])
-            chunks.append(pack(self._row_meta(part, self._awaiting_changed), arrays))
+                waiting = [r for r in part.tolist() if r in self._awaiting_changed]
+            chunks.append(pack(self._row_meta(waiting), arrays))
         self._awaiting_changed.clear()
         return chunks
 
-    def _row_meta(self, part: np.ndarray, awaiting: set[int] | None) -> dict:
-        """Names (so that codes mean the same to a reader) and the rows' waiting outcomes (every
-        row's in a snapshot; in a delta, the rows whose waiting outcomes changed)."""
+    def _row_meta(self, waiting_rows: list[int]) -> dict:
+        """Names (so that codes mean the same to a reader) and these rows' waiting outcomes (an
+        empty list clears a row's)."""
         return {"kind": "rows", "experiments": self.experiments, "variants": self.variants, "metrics": self.metrics,
-                "awaiting": {str(r): self.awaiting.get(r, []) for r in part.tolist()
-                             if (r in self.awaiting if awaiting is None else r in awaiting)}}
+                "awaiting": {str(r): self.awaiting.get(r, []) for r in waiting_rows}}
 
     def _row_arrays(self, part: np.ndarray, first_new_row: int) -> dict[str, np.ndarray]:
         """The rows' columns, and the unit ids of the new ones (their UTF-8 bytes end to end)."""
@@ -405,7 +406,8 @@ class UnitTable:
         chunks = []
         for start in range(0, self.n, SNAPSHOT_ROWS_PER_CHUNK):
             part = np.arange(start, min(self.n, start + SNAPSHOT_ROWS_PER_CHUNK), dtype=np.int64)
-            chunks.append(pack(self._row_meta(part, None), self._row_arrays(part, 0) | self._windows(part)))
+            waiting = [r for r in part.tolist() if r in self.awaiting]
+            chunks.append(pack(self._row_meta(waiting), self._row_arrays(part, 0) | self._windows(part)))
         return chunks
 
     def apply_chunk(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
