@@ -145,9 +145,6 @@ class Stage1:
         self.decoders = {kind: ColumnDecoder(codec, kind) for kind in EventKind}
         self.partitions: dict[int, PartitionState] = {}
         self.dirty: set[tuple[int, str]] = set()
-        # Experiments whose unit state was expired: events of stopped experiments never
-        # create state again, so they need no second pass.
-        self.expired: set[str] = set()
         self._refreshed = False
 
     # --- partitions -----------------------------------------------------------------------------
@@ -207,16 +204,14 @@ class Stage1:
         state = self.partitions[partition]
         return state.bytes_since_snapshot > max(SNAPSHOT_AFTER_BYTES, SNAPSHOT_AFTER_SNAPSHOTS * state.snapshot_bytes)
 
-    def expire(self, experiment_ids: set[str]) -> list[int]:
-        """Drop the unit states and partials of these experiments; returns the partitions that
+    def expire(self, experiment_ids: set[str], partitions: Iterable[int]) -> list[int]:
+        """Drop the unit states and partials of these experiments in these partitions (rows are
+        renumbered: only partitions whose state is written next may change); returns those that
         changed (whose state must be written again as a :meth:`snapshot`)."""
-        experiment_ids = experiment_ids - self.expired
-        if not experiment_ids:
-            return []
-        self.expired |= experiment_ids
         changed = []
-        for partition, state in self.partitions.items():
-            if experiment_ids & (set(state.table.experiments) | set(state.partials)):
+        for partition in sorted(partitions):
+            state = self.partitions.get(partition)
+            if state is not None and experiment_ids & (set(state.table.experiments) | set(state.partials)):
                 state.table = state.table.without_experiments(experiment_ids)
                 for experiment_id in experiment_ids:
                     state.partials.pop(experiment_id, None)

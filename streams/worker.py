@@ -29,7 +29,6 @@ import os
 import socket
 import time
 import uuid
-from types import SimpleNamespace
 from typing import Any
 
 import faust
@@ -134,7 +133,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     # and the log position of partitions it held before a rebalance (to continue from there).
     claimed: set[int] = set()
     held_tips: dict[int, int] = {}
-    retry = SimpleNamespace(delay_s=0.0)  # the wait before a batch whose state was refused is read again
+    retry_delay_s = 0.0  # the wait before a batch whose state was refused is read again
     changed_experiments: set[str] = set()
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
@@ -187,6 +186,12 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             claimed.add(partition)
         return failed
 
+    def let_go(partition: int) -> None:
+        """Forget a partition's stage-1 state and claim: it is read from its log if it comes back."""
+        stage1.forget(partition)
+        claimed.discard(partition)
+        held_tips.pop(partition, None)
+
     def write_state(transactions: dict[int, list[bytes]]) -> tuple[set[int], set[int]]:
         """Write each partition's transaction, then the snapshots that came due, and wait until
         they are in Kafka (run off the event loop; the caller holds batch_in_flight). Returns the
@@ -226,19 +231,18 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         # between must not leave a message judged but its letter lost.
         if result.dead:
             await app.producer.flush()
+        nonlocal retry_delay_s
         unwritten, unsnapshotted = await app.loop.run_in_executor(None, write_state, result.transactions)
         metrics.STATE_WRITE_FAILURES.inc(len(unwritten | unsnapshotted))
         for partition in unwritten | unsnapshotted:
-            stage1.forget(partition)
-            claimed.discard(partition)
-            held_tips.pop(partition, None)
+            let_go(partition)
         if unwritten:
             # Kafka refuses the state (or another worker took the partition over): read it again
             # after a while, not at once and in a loop.
-            retry.delay_s = min(STATE_RETRY_MAX_S, max(STATE_RETRY_MIN_S, 2 * retry.delay_s))
-            await asyncio.sleep(retry.delay_s)
+            retry_delay_s = min(STATE_RETRY_MAX_S, max(STATE_RETRY_MIN_S, 2 * retry_delay_s))
+            await asyncio.sleep(retry_delay_s)
         else:
-            retry.delay_s = 0.0
+            retry_delay_s = 0.0
         flushed = time.time()
         metrics.BATCH_PHASE_SECONDS.labels("state_write").observe(flushed - folded)
         # The batch's offsets are acked after this returns: its effects must be in Kafka first.
@@ -306,8 +310,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             return
         settled_generation = app.consumer_generation_id
         for partition in set(stage1.partitions) - inputs_owned:
-            stage1.forget(partition)
-            held_tips.pop(partition, None)
+            let_go(partition)
         stage2_states = experiment_partials.data.data
         for experiment_id in [e for e, s in stage2_states.items() if s.get("partition") not in owned]:
             del stage2_states[experiment_id]
@@ -431,15 +434,14 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         # that held some is written again as a snapshot, and the log before it deleted.
         gone = expired(experiments.all(), int(time.time() * 1000), settings.exposure_retention_s)
         async with batch_in_flight:
-            changed = [p for p in stage1.expire(gone) if p in claimed]
+            # Claimed partitions only: a held one continues from its log when it comes back.
+            changed = stage1.expire(gone, claimed)
             try:
                 await app.loop.run_in_executor(None, write_snapshots, changed)
-            except StateWriteFailed as failure:  # loaded again, from the log, at the next batch or tick
+            except StateWriteFailed as failure:  # read from its log again (expired again at the next tick)
                 log.warning("snapshot of stage-1 partitions %s not written: %s", sorted(failure.partitions), failure)
                 for partition in failure.partitions:
-                    stage1.forget(partition)
-                    claimed.discard(partition)
-                stage1.expired -= gone  # their rows come back with the partitions' logs: expire them again
+                    let_go(partition)
         metrics.UNIT_STATES.set(stage1.unit_states())
 
     def write_snapshots(partitions: list[int]) -> None:

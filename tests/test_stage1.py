@@ -484,7 +484,8 @@ def test_expired_experiments_leave_the_state_and_a_snapshot_holds_the_rest():
     fold, log = fresh_fold()
     log.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.ASSIGNMENT, 2, experiment_id="r", variant="a"),
                  message(EventKind.OUTCOME, 3, experiment_id="r", metric="clicks", value=2.0)])
-    assert fold.expire({"e"}) == [0] and fold.expire({"e"}) == []
+    assert fold.expire({"e"}, []) == [] and fold.unit_states() == 2  # a partition not named keeps its rows
+    assert fold.expire({"e"}, [0, 1]) == [0] and fold.expire({"e"}, [0]) == []
     assert set(fold.partitions[0].partials) == {"r"} and fold.unit_states() == 1
     again = Stage1(SETTINGS, CODEC, Experiments())
     again.load(0, [("snapshot", fold.snapshot(0))], from_start=True)
