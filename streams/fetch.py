@@ -15,10 +15,12 @@ batch handler as one dict of lists (per topic and partition); records of every o
 (the partials topic of the stage-2 agent, for one) take Faust's ordinary path. Messages are
 acked only after the handler returned, and the handler writes the batch's state and dead
 letters first, so an offset is never committed before its message's effects are in Kafka
-(at-least-once; stage 1's input positions make replays idempotent). The handler gets aiokafka's records as they are; one Faust
-message per partition (its last record in the batch) is tracked as Faust tracks an agent's,
-so a rebalance waits for the batch in flight and commits it before the partitions move, and
-the offsets before it are acknowledged in one step on the consumer's offset books. A
+(at-least-once; stage 1's input positions make replays idempotent); the partitions whose
+state it could not write are not acked but read again. The handler gets aiokafka's records as
+they are; one Faust message per partition (its last record in the batch) is tracked as Faust
+tracks an agent's, so a rebalance waits for the batch in flight and commits it before the
+partitions move, and the offsets before it are acknowledged in one step on the consumer's
+offset books. A
 batch fetched under a consumer generation that has since changed (a rebalance began) is
 dropped unprocessed: its partitions are re-read by their next owner from the committed
 offsets.
@@ -115,7 +117,6 @@ class BatchConsumer(faust_aiokafka.Consumer):
         finally:
             if prefetched is not None:
                 prefetched.cancel()
-
 
     async def _ack_written(self, unwritten: set[tuple[str, int]], spans: dict, markers: dict) -> None:
         """Ack the batch's records except those of partitions whose state could not be written:

@@ -86,7 +86,7 @@ class Partial:
     inconsistencies: int = 0
     watermark_ms: int = 0
     first_exposure_ms: int | None = None
-    # Flat, keyed like the unit counters: (namespace, variant or challenger, key).
+    # Flat, keyed (namespace, variant or challenger, key): see CounterKey.
     counters: dict[CounterKey, float] = field(default_factory=dict)
 
     def add_counters(self, changes: dict[CounterKey, float]) -> None:

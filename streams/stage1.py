@@ -323,14 +323,14 @@ class Stage1:
                 named = decoded.strings["variant"]
                 codes = np.array([table.variant_code(v) for v in named.values], dtype=np.int64)
                 variants = codes[named.codes[picked]]
-            tracked = np.full(picked.size, -1, dtype=np.int64)
-            if kind is EventKind.OUTCOME:
-                tracked = _tracked_columns(table, configs, status, decoded.strings["metric"], experiment.codes[picked],
-                                           decoded.strings["metric"].codes[picked])
             for config in configs:
                 if config is not None and config.status not in _INACTIVE:
                     for name in sorted(outcome_names(config.metrics)):
                         table.metric_code(name)
+            tracked = np.full(picked.size, -1, dtype=np.int64)
+            if kind is EventKind.OUTCOME:
+                tracked = _tracked_columns(table, configs, status, decoded.strings["metric"], experiment.codes[picked],
+                                           decoded.strings["metric"].codes[picked])
             routed.setdefault(partition, []).append(_Events(kind, decoded, messages, picked, rows, variants, tracked))
 
     @staticmethod
@@ -500,7 +500,8 @@ class Stage1:
         zero = latency == 0
         with np.errstate(divide="ignore"):
             bucket = np.where(zero, 0, np.ceil(np.log(latency) / _LOG_GAMMA)).astype(np.int64)
-        for (x, v, s), n in _count_by(experiments, e.variants, status.codes[at]):
+        by_status = _count_by(experiments, e.variants, status.codes[at])
+        for (x, v, s), n in by_status:
             _add(changes, table.experiments[x], ("status", table.variants[v], status.values[s]), n)
         for (x, v, z, k), n in _count_by(experiments, e.variants, zero.astype(np.int64), bucket):
             _add(changes, table.experiments[x], ("latency", table.variants[v], "z" if z else str(k)), n)
@@ -520,7 +521,7 @@ class Stage1:
             for v in np.unique(e.variants).tolist():
                 name = table.variants[v]
                 labels[(x, v)] = (table.experiments[x], name if config is not None and name in config.weights else "unknown")
-        statuses = [(labels[(x, v)], status.values[s], n) for (x, v, s), n in _count_by(experiments, e.variants, status.codes[at])]
+        statuses = [(labels[(x, v)], status.values[s], n) for (x, v, s), n in by_status]
         buckets: dict[tuple[str, str], dict[int, int]] = {}
         for (x, v, i), n in _count_by(experiments, e.variants, bucket_index):
             histogram = buckets.setdefault(labels[(x, v)], {})
@@ -548,7 +549,7 @@ def _tracked_columns(table: UnitTable, configs: list, status: np.ndarray, metric
         tracked = outcome_names(config.metrics)
         for m, name in enumerate(metric.values):
             if name in tracked:
-                lookup[x, m] = table.metric_code(name)
+                lookup[x, m] = table.metric_column(name)
     return lookup[experiments, metrics_]
 
 
