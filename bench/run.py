@@ -516,7 +516,8 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
                          if len(after) >= 8 else None)
         result.update(
             complete=True, seconds=round(seconds, 3), rate=n / seconds,
-            steady_rate=steady, rate_after_publish=after_publish, first_consumed_after_s=round(t_first - pub["t0"], 3) if t_first else None,
+            steady_rate=steady, rate_after_publish=after_publish,
+            first_consumed_after_s=round(t_first - pub["t0"], 3) if t_first else None,
             last_decision_after_s=round(t_stats - pub["t0"], 3), all_consumed_after_s=round(t_consumed - pub["t0"], 3),
             worker_cpu_share=[round((b - a) / seconds, 3) for a, b in zip(cpu0, cpu1)],
             rate_per_worker_cpu_s=n / max(1e-9, sum(cpu1) - sum(cpu0)),
@@ -530,7 +531,8 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
                 **written, "records_per_input_event": round(written.get("records", 0) / n, 4),
                 "bytes_per_input_byte": round(written.get("bytes", 0) / input_bytes, 3),
                 "method": "every record of <prefix>stage1-state after the run (value + headers), against the input "
-                          "messages' key + value bytes: what stage 1 writes back to Kafka per event read"}
+                          "messages' key + value bytes: what stage 1 keeps in Kafka per event read (records before "
+                          "a partition's newest snapshot are deleted, so it wrote at least this much)"}
         if raw_ceiling:
             result["raw_consume_ceiling"] = raw_consume_ceiling(settings, n)
         return result
