@@ -134,6 +134,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     claimed: set[int] = set()
     held_tips: dict[int, int] = {}
     retry_delay_s = 0.0  # the wait before a batch whose state was refused is read again
+    # Per input (topic, partition) whose batch state was refused: the offset after the last
+    # message dead-lettered from it. The batch is read again, and its letters are not re-sent.
+    lettered: dict[tuple[str, int], int] = {}
     changed_experiments: set[str] = set()
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
@@ -220,6 +223,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             batch = {tp: records for tp, records in batch.items() if tp[1] not in not_claimed}
         result = stage1.process(batch)
         for message, letter in result.dead:
+            if message.offset < lettered.get((message.topic, message.partition), 0):
+                continue  # sent before this batch's state was refused
             await deadletters.send(
                 # Kafka refuses a record with neither key nor value: an empty value stands for a tombstone.
                 key=message.key, value=message.value if message.value is not None or message.key is not None else b"",
@@ -236,6 +241,13 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         metrics.STATE_WRITE_FAILURES.inc(len(unwritten | unsnapshotted))
         for partition in unwritten | unsnapshotted:
             let_go(partition)
+        for tp in batch:
+            if tp[1] not in unwritten:
+                lettered.pop(tp, None)
+        for message, _ in result.dead:
+            if message.partition in unwritten:
+                tp = (message.topic, message.partition)
+                lettered[tp] = max(lettered.get(tp, 0), message.offset + 1)
         if unwritten:
             # Kafka refuses the state (or another worker took the partition over): read it again
             # after a while, not at once and in a loop.

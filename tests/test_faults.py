@@ -600,7 +600,7 @@ def set_state_topic_record_limit(settings: Settings, limit: int | None) -> None:
 def test_kafka_refuses_the_state_log_for_20_seconds(cluster):
     """A batch whose state the broker does not take is neither acknowledged nor lost: the worker
     reads the partition's state back from its log and the batch's messages again, until Kafka
-    takes them; the counts end exact."""
+    takes them; the counts end exact and no dead letter is sent twice."""
     started = time.monotonic()
     messages, configs = fault_stream(seed=7)
     expected = expected_outcome(messages, configs)
@@ -625,6 +625,8 @@ def test_kafka_refuses_the_state_log_for_20_seconds(cluster):
     assert restored_at < len(messages), "the stream must go on past the fault"
     result = settle_and_check(cluster.settings, s, expected, feeder, messages)
     assert worker.poll() is None
+    assert expected.dead, "the stream must hold rejected messages for the next check to mean anything"
+    assert result["letters"] == len(expected.dead), "a batch read again after a refusal re-sent its dead letters"
     report("state-log-refused", started, refused_at=refused_at, restored_at=restored_at, of=len(messages),
            failures=failures, stage1_lag_at_end_of_fault=stage1_lag, **result)
 
