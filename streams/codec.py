@@ -16,6 +16,7 @@ import json
 import math
 import re
 import struct
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -29,6 +30,9 @@ _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 
 # Bounds that make a value absurd rather than merely surprising. Fixed, not relative to
 # the clock, so that every process (worker, sink, replay next week) judges an event alike.
+# An id the registry said it does not know is not asked about again for this long: a stream
+# written against another registry would otherwise cost one registry request per message.
+MISSING_SCHEMA_RECHECK_S = 30.0
 MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 MAX_LATENCY_MS = 3_600_000.0
@@ -165,15 +169,24 @@ class RegistryCatalogue:
         self._local = local or LocalCatalogue()
         self._by_id: dict[int, WriterSchema] = {}
         self._ids: dict[Kind, int] = {}
+        self._missing: dict[int, tuple[float, str]] = {}  # schema id -> (when the registry said so, what)
 
     def writer(self, schema_id: int) -> WriterSchema:
         cached = self._by_id.get(schema_id)
         if cached is not None:
             return cached
+        missing = self._missing.get(schema_id)
+        if missing is not None and time.monotonic() - missing[0] < MISSING_SCHEMA_RECHECK_S:
+            raise UnknownSchemaId(missing[1])
         try:
             schema = self._client.get_schema(schema_id)
         except Exception as exc:  # the registry client raises its own error types
-            raise UnknownSchemaId(f"schema id {schema_id} is not in the registry: {exc}") from None
+            detail = f"schema id {schema_id} is not in the registry: {exc}"
+            if getattr(exc, "http_status_code", None) == 404:  # not an outage: the answer holds a while
+                if len(self._missing) >= 10_000:
+                    self._missing.clear()  # hostile ids must not grow it without bound
+                self._missing[schema_id] = (time.monotonic(), detail)
+            raise UnknownSchemaId(detail) from None
         try:
             kind, parsed = parse_schema(schema.schema_str, self._local.kind_by_record)
         except (UnknownSchemaId, ValueError, KeyError) as exc:

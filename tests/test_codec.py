@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+import streams.codec as codec_module
 from streams.codec import Codec, DeadLetter, DeadLetterReason, EventKind, LocalCatalogue, RegistryCatalogue
 from streams.simulate import simulate_records
 
@@ -40,6 +42,24 @@ def test_registry_catalogue_registers_and_reads_back():
     payload = codec.encode(EventKind.OUTCOME, RECORDS[EventKind.OUTCOME])
     fresh_reader = Codec(RegistryCatalogue(registry))
     assert fresh_reader.decode(EventKind.OUTCOME, payload) == RECORDS[EventKind.OUTCOME]
+
+
+def test_an_id_the_registry_does_not_know_is_asked_about_once_in_a_while(monkeypatch):
+    registry = SchemaRegistryClient.new_client({"url": "mock://abstream-codec-missing"})
+    asked = []
+    ask = registry.get_schema
+    monkeypatch.setattr(registry, "get_schema", lambda schema_id, *a, **k: asked.append(schema_id) or ask(schema_id))
+    codec = Codec(RegistryCatalogue(registry))
+    good = Codec().encode(EventKind.ASSIGNMENT, RECORDS[EventKind.ASSIGNMENT])
+    unknown = b"\x00" + struct.pack(">I", 4242) + good[5:]
+    letters = [codec.decode(EventKind.ASSIGNMENT, unknown) for _ in range(50)]
+    assert {letter.reason for letter in letters} == {DeadLetterReason.UNKNOWN_SCHEMA}
+    assert len({letter.detail for letter in letters}) == 1
+    assert asked == [4242]
+    now = time.monotonic()
+    monkeypatch.setattr(codec_module.time, "monotonic", lambda: now + codec_module.MISSING_SCHEMA_RECHECK_S + 1)
+    assert codec.decode(EventKind.ASSIGNMENT, unknown).reason is DeadLetterReason.UNKNOWN_SCHEMA
+    assert asked == [4242, 4242], "a schema registered since must be found"
 
 
 def _reason(kind, payload):
