@@ -465,6 +465,7 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
     try:
         cpu0 = [w.cpu_seconds() for w in workers]
         broker_cpu0 = process_cpu_seconds(bench.broker_pid)
+        bench_cpu0, machine0 = time.process_time(), machine_busy_seconds()
         result["loadavg_at_start"] = list(os.getloadavg())
         pub = publish_all(settings, corpus)
         result["producer"] = {"seconds": round(pub["seconds"], 3), "rate": round(pub["rate"])}
@@ -486,6 +487,7 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
             time.sleep(0.5)
         cpu1 = [w.cpu_seconds() for w in workers]
         broker_cpu1 = process_cpu_seconds(bench.broker_pid)
+        bench_cpu1, machine1 = time.process_time(), machine_busy_seconds()
         result["loadavg_at_end"] = list(os.getloadavg())
         if profile_proc is not None:
             profile_proc.wait(profile_s + 60)
@@ -523,6 +525,15 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
             rate_per_worker_cpu_s=n / max(1e-9, sum(cpu1) - sum(cpu0)),
             broker_cpu_share=round((broker_cpu1 - broker_cpu0) / seconds, 3),
             worker_rss_mb=[round(w.rss_bytes() / 2**20, 1) for w in workers],
+            cpu_seconds={
+                "workers": [round(b - a, 2) for a, b in zip(cpu0, cpu1)],
+                "broker": round(broker_cpu1 - broker_cpu0, 2),
+                "bench_process": round(bench_cpu1 - bench_cpu0, 2),
+                "machine_busy": round(machine1 - machine0, 2), "cores": os.cpu_count(),
+                "method": "CPU-seconds (user + system, all threads) from the start of publishing to t_end: each "
+                          "worker, the broker, this process (the producer publishing the corpus, the scrapers, the "
+                          "decision watcher); machine_busy = every core's non-idle time from /proc/stat, neighbours "
+                          "included"},
             batches=[batch_histograms(w) for w in workers])
         if n_workers == 1 and not profile_s:
             written = state_log_figures(settings)
@@ -541,6 +552,12 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
         decisions.stop()
         for w in workers:
             w.stop()
+
+
+def machine_busy_seconds() -> float:
+    """Non-idle CPU-seconds of all cores since boot (/proc/stat: everything but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_seconds(pid: int | None) -> float:
@@ -1054,6 +1071,23 @@ def machine() -> dict:
     }
 
 
+def two_vs_one_cpu_bound(one: dict, two: dict) -> dict:
+    """The most two workers could gain over one on this machine, given the CPU their run needed."""
+    used = two["cpu_seconds"]
+    ours = sum(used["workers"]) + used["broker"] + used["bench_process"]
+    fastest_s = ours / used["cores"]
+    return {
+        "bound": round(one["seconds"] / fastest_s, 3),
+        "two_workers_run_cpu_s": round(ours, 2), "cores": used["cores"],
+        "machine_busy_share": round(used["machine_busy"] / (used["cores"] * two["seconds"]), 3),
+        "method": "the two-worker run's processes (both workers, the broker, this process publishing the corpus) "
+                  "needed two_workers_run_cpu_s CPU-seconds; on `cores` cores that work takes at least "
+                  "two_workers_run_cpu_s / cores seconds, whatever the engine does, so two workers cannot beat one "
+                  "by more than bound = one-worker seconds / that. An upper bound: it leaves out the neighbours' "
+                  "load (machine_busy_share near 1 says the cores were saturated) and the fixed decision cadence "
+                  "at the end of a run"}
+
+
 def targets(report: dict) -> list[dict]:
     out = []
 
@@ -1105,6 +1139,10 @@ def table(report: dict) -> str:
                      f" (worker CPU shares {tp['two_workers'].get('worker_cpu_share')})"))
     if "two_vs_one_after_publish" in tp:
         rows.append(("2 workers / 1 worker, after publishing", f"{tp['two_vs_one_after_publish']:.2f}"))
+    if "two_vs_one_cpu_bound" in tp:
+        b = tp["two_vs_one_cpu_bound"]
+        rows.append(("2 workers / 1 worker, the most this machine allows", f"{b['bound']:.2f} ({b['two_workers_run_cpu_s']} "
+                     f"CPU-s on {b['cores']} cores; cores busy {b['machine_busy_share']:.0%})"))
     lat = report.get("latency", {})
     if "processed_rate_while_paced" in lat:
         rows.append((f"worker processed while {lat['offered_rate']:,.0f} ev/s offered", f"{lat['processed_rate_while_paced']:,} ev/s"))
@@ -1245,6 +1283,8 @@ def main() -> int:
             one_after, two_after = tp["one_worker"].get("rate_after_publish"), tp["two_workers"].get("rate_after_publish")
             if one_after and two_after:
                 tp["two_vs_one_after_publish"] = round(two_after / one_after, 3)
+            if one and two:
+                tp["two_vs_one_cpu_bound"] = two_vs_one_cpu_bound(tp["one_worker"], tp["two_workers"])
             if one and "decode" in report.get("ceilings", {}):
                 tp["one_worker_vs_decode_per_cpu_s"] = round(
                     tp["one_worker"]["rate_per_worker_cpu_s"] / report["ceilings"]["decode"]["rate_per_cpu_s"], 3)
