@@ -55,7 +55,7 @@ from streams.scenario import ArmTruth, ExperimentScenario, scenario_events, shad
 from streams.settings import Settings  # noqa: E402
 from streams.topics import DECISIONS, INPUT_TOPICS, KILLSWITCH, STAGE1_STATE, ensure_topics, producer_config  # noqa: E402
 
-PARTS = ("ceilings", "throughput", "latency", "sink", "memory")
+PARTS = ("ceilings", "throughput", "scaling", "latency", "sink", "memory")
 OUT_DIR = ROOT / "bench" / "out"
 WINDOW_S = 600
 MEAN_OUTCOME_LAG_S = 30.0
@@ -194,15 +194,26 @@ class Bench:
         for config in configs:
             publish_config(settings, config)
 
-    def start_workers(self, settings: Settings, n: int, *, sink: bool = False) -> list["Worker"]:
+    def start_workers(self, settings: Settings, n: int, *, sink: bool = False,
+                      worker_cores: float | None = None) -> list["Worker"]:
         """n workers, and with ``sink`` an `abstream sink` process last in the list (the sink
-        role in a process of its own, as the README recommends under load)."""
+        role in a process of its own, as the README recommends under load); with
+        ``worker_cores``, each worker is held to that many cores (:class:`CpuLimit`)."""
         workers = []
         for i in range(n):
             s = replace(settings, web_port=free_port() if i else settings.web_port, home=settings.home / f"worker{i}")
             s.home.mkdir(parents=True, exist_ok=True)
             log_path = s.home / "worker.log"
-            workers.append(Worker(s, start_worker(s, sink=False, log_path=log_path), log_path))
+            worker = Worker(s, start_worker(s, sink=False, log_path=log_path), log_path)
+            workers.append(worker)
+            if worker_cores is not None:
+                try:
+                    worker.limit = CpuLimit(f"abstream-bench-{self.tag}-{s.topic_prefix.rstrip('.')}-w{i}", worker_cores)
+                    worker.limit.add(worker.pid)
+                except OSError:
+                    for w in workers:
+                        w.stop()
+                    raise
         if sink:
             s = replace(settings, web_port=free_port(), home=settings.home / "sink")
             s.home.mkdir(parents=True, exist_ok=True)
@@ -213,11 +224,55 @@ class Bench:
         return workers
 
 
+class CpuLimit:
+    """A CPU quota (CFS bandwidth) for one process and its threads: a cgroup of the cpu
+    controller, v1 (/sys/fs/cgroup/cpu) or v2 (/sys/fs/cgroup with cpu.max)."""
+
+    PERIOD_US = 100_000
+    V1 = Path("/sys/fs/cgroup/cpu")
+    V2 = Path("/sys/fs/cgroup")
+
+    def __init__(self, name: str, cores: float):
+        v1 = (self.V1 / "cpu.cfs_quota_us").exists()
+        self.root = self.V1 if v1 else self.V2
+        self.path = self.root / name
+        self.path.mkdir()
+        quota = int(cores * self.PERIOD_US)
+        if v1:
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why no process can be limited here (None: it can)."""
+        try:
+            probe = cls(f"abstream-bench-probe-{os.getpid()}", 0.5)
+        except OSError as exc:
+            return f"cannot create a cpu cgroup with a quota ({exc.strerror}: {exc.filename}); needs root and a " \
+                   "writable cpu controller"
+        probe.remove()
+        return None
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))  # the whole process, threads to come included
+
+    def remove(self) -> None:
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            try:
+                (self.root / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass  # it exited meanwhile
+        self.path.rmdir()
+
+
 @dataclass
 class Worker:
     settings: Settings
     process: subprocess.Popen
     log_path: Path
+    limit: CpuLimit | None = None
 
     @property
     def pid(self) -> int:
@@ -248,6 +303,8 @@ class Worker:
 
     def stop(self) -> None:
         stop_worker(self.process)
+        if self.limit is not None:
+            self.limit.remove()
 
 
 def metric_sum(samples: dict, name: str, **labels: str) -> float:
@@ -452,10 +509,10 @@ def complete_time(decisions: list[tuple[float, dict]], corpus: Corpus) -> float 
 
 
 def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, profile_s: float = 0.0,
-               raw_ceiling: bool = False) -> dict:
+               raw_ceiling: bool = False, worker_cores: float | None = None) -> dict:
     settings = bench.settings(phase)
     bench.prepare(settings, corpus.configs)
-    workers = bench.start_workers(settings, n_workers)
+    workers = bench.start_workers(settings, n_workers, worker_cores=worker_cores)
     decisions = TopicWatcher(settings, settings.topic(DECISIONS), ControlKind.DECISION)
     decisions.start()
     scraper = Scraper(workers, 0.25)
@@ -535,7 +592,7 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
                           "decision watcher); machine_busy = every core's non-idle time from /proc/stat, neighbours "
                           "included"},
             batches=[batch_histograms(w) for w in workers])
-        if n_workers == 1 and not profile_s:
+        if n_workers == 1 and not profile_s and worker_cores is None:
             written = state_log_figures(settings)
             input_bytes = sum(map(len, corpus.values)) + sum(map(len, corpus.keys))
             result["state_log"] = {
@@ -1071,6 +1128,28 @@ def machine() -> dict:
     }
 
 
+def scaling(bench: Bench, corpus: Corpus, worker_cores: float) -> dict:
+    """One and two workers, each held to the same share of a core (a cgroup quota): whether
+    the engine scales out, apart from how many cores this machine has for them."""
+    why_not = CpuLimit.unavailable()
+    if why_not is not None:
+        log(f"scaling: skipped, {why_not}")
+        return {"available": False, "why": why_not}
+    out: dict[str, Any] = {"worker_cores": worker_cores}
+    for key, n, phase in (("one_worker", 1, "sc1"), ("two_workers", 2, "sc2")):
+        out[key] = throughput(bench, corpus, n, phase, worker_cores=worker_cores)
+        log(f"scaling: {n} worker(s) at {worker_cores:g} core each: {out[key].get('rate') or 0:,.0f}/s")
+    one, two = out["one_worker"].get("rate"), out["two_workers"].get("rate")
+    if one and two:
+        out["two_vs_one"] = round(two / one, 3)
+    out["method"] = (f"the throughput part's measurement, each worker process in a cgroup of its own with a CPU quota of "
+                     f"{worker_cores:g} core (CFS bandwidth, all its threads), so that two workers need no more cores "
+                     f"than the machine has beside the broker and the producer. two_vs_one near 2 says nothing is "
+                     f"shared between workers but the broker; it is not the issue's figure, which is the throughput "
+                     f"part's two_vs_one (unlimited workers on this machine's cores)")
+    return out
+
+
 def two_vs_one_cpu_bound(one: dict, two: dict) -> dict:
     """The most two workers could gain over one on this machine, given the CPU their run needed."""
     used = two["cpu_seconds"]
@@ -1139,6 +1218,12 @@ def table(report: dict) -> str:
                      f" (worker CPU shares {tp['two_workers'].get('worker_cpu_share')})"))
     if "two_vs_one_after_publish" in tp:
         rows.append(("2 workers / 1 worker, after publishing", f"{tp['two_vs_one_after_publish']:.2f}"))
+    sc = report.get("scaling", {})
+    if "two_vs_one" in sc:
+        rows.append((f"2 workers / 1 worker, each held to {sc['worker_cores']:g} core", f"{sc['two_vs_one']:.2f} "
+                     f"({sc['one_worker']['rate']:,.0f} -> {sc['two_workers']['rate']:,.0f} ev/s)"))
+    elif sc.get("available") is False:
+        rows.append(("scaling at a fixed CPU quota per worker", "not measured: " + sc["why"]))
     if "two_vs_one_cpu_bound" in tp:
         b = tp["two_vs_one_cpu_bound"]
         rows.append(("2 workers / 1 worker, the most this machine allows", f"{b['bound']:.2f} ({b['two_workers_run_cpu_s']} "
@@ -1227,6 +1312,8 @@ def main() -> int:
                              "'{\"producer_max_batch_size\": 1048576}'); recorded in the JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
+    parser.add_argument("--scaling-worker-cores", type=float, default=0.4,
+                        help="CPU quota of each worker in the scaling part (cores)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS) - {"profile"}
@@ -1246,7 +1333,7 @@ def main() -> int:
         bench = Bench(args, status.bootstrap, work)
         bench.broker_pid = status.pid
         corpus = None
-        if {"ceilings", "throughput", "latency", "sink", "profile"} & set(parts):
+        if {"ceilings", "throughput", "scaling", "latency", "sink", "profile"} & set(parts):
             t = time.perf_counter()
             n_corpus = max(args.events, int(args.rate * max(args.latency_s if "latency" in parts else 0,
                                                              args.sink_s if "sink" in parts else 0)))
@@ -1292,7 +1379,9 @@ def main() -> int:
                                  "targets); on a shared 2-core machine they move with the neighbours' load, so "
                                  "one_worker_vs_decode_per_cpu_s compares events per CPU-second of the worker with "
                                  "decodes per CPU-second, which the neighbours do not move")
-        elif "ceilings" in parts:
+        if "scaling" in parts:
+            report["scaling"] = scaling(bench, tp_corpus, args.scaling_worker_cores)
+        if "ceilings" in parts and "throughput" not in parts:
             settings = bench.settings("raw")
             bench.prepare(settings, [])
             publish_all(settings, tp_corpus)
