@@ -127,6 +127,11 @@ STATE_WRITE_FAILURES = Counter(
     "abstream_state_write_failures_total",
     "Stage-1 state-log transactions Kafka did not take (per partition); that batch of the partition is read again."
 )
+STATE_UNREADABLE = Gauge(
+    "abstream_state_unreadable",
+    "1 while this worker cannot apply an input partition's stage-1 state log (its messages wait, unprocessed).",
+    ["partition"],
+)
 SINK_LAST_WRITE = Gauge("abstream_sink_last_write_timestamp_seconds", "Unix time of the sink's last successful write.")
 SHADOW_DISAGREEMENT = Gauge(
     "abstream_shadow_disagreement_ratio", "Share of compared shadow runs where the challenger disagrees with the champion.",

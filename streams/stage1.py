@@ -63,6 +63,11 @@ _UNKNOWN, _IGNORED, _ACTIVE = 0, 1, 2
 _value_of = attrgetter("value")
 
 
+class StateUnreadable(Exception):
+    """A partition's state log holds a transaction this version cannot apply (corrupt bytes, or
+    written by an incompatible version)."""
+
+
 class InputMessage(Protocol):
     topic: str
     partition: int
@@ -152,7 +157,17 @@ class Stage1:
     def load(self, partition: int, transactions: Iterable[tuple[str, Sequence[bytes]]], *, from_start: bool) -> None:
         """Rebuild (``from_start``) or continue a partition's state from state-log transactions
         (type, chunks), rebuild its partials, and mark them for publication: its last owner may
-        have died after writing its state but before publishing it, and no new event may come."""
+        have died after writing its state but before publishing it, and no new event may come.
+        Raises StateUnreadable (the partition's state forgotten) when a chunk cannot be applied."""
+        try:
+            self._load(partition, transactions, from_start=from_start)
+        except Exception as exc:
+            # A state that is partly applied would count wrong from then on: none is kept.
+            self.forget(partition)
+            raise StateUnreadable(f"the stage-1 state of input partition {partition} cannot be applied "
+                                  f"({type(exc).__name__}: {exc})") from exc
+
+    def _load(self, partition: int, transactions: Iterable[tuple[str, Sequence[bytes]]], *, from_start: bool) -> None:
         state = self.partitions.get(partition)
         if from_start or state is None:
             state = PartitionState()

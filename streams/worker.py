@@ -40,7 +40,7 @@ from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
 from streams.sink import Sink, sink_endpoint_file, sql_answer
-from streams.stage1 import Stage1, expired
+from streams.stage1 import Stage1, StateUnreadable, expired
 from streams.state_log import StateLog, StateLogError, StateWriteFailed
 from streams.stage2 import (ControlState, apply_order, control, decision_record, evaluate, merged_partial,
                             stored_or_new, with_partial)
@@ -54,6 +54,8 @@ PARTIALS_GAP_S = 0.1
 STAGE2_WITHIN_S = 0.05
 # A batch whose state Kafka refused is read again after this wait, doubled on each refusal in a row.
 STATE_RETRY_MIN_S, STATE_RETRY_MAX_S = 0.25, 5.0
+# A partition whose state log cannot be applied is tried again after this long (it reads the log).
+STATE_UNREADABLE_RETRY_S = 60.0
 # Allocations (net of deallocations) between young collections; Python's default is 700.
 GC_YOUNG_THRESHOLD = 50_000
 
@@ -137,6 +139,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     # Per input (topic, partition) whose batch state was refused: the offset after the last
     # message dead-lettered from it. The batch is read again, and its letters are not re-sent.
     lettered: dict[tuple[str, int], int] = {}
+    # Input partitions whose state log this version cannot apply: when to try again.
+    unreadable: dict[int, float] = {}
     changed_experiments: set[str] = set()
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
@@ -177,6 +181,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         Returns the partitions that could not be claimed now (the broker away, say)."""
         failed = set()
         for partition in sorted(partitions - claimed):
+            if time.monotonic() < unreadable.get(partition, 0.0):
+                failed.add(partition)
+                continue
             since = held_tips.get(partition) if partition in stage1.partitions else None
             try:
                 loaded = await app.loop.run_in_executor(None, state_log.acquire, partition, since)
@@ -185,7 +192,20 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 failed.add(partition)
                 continue
             held_tips.pop(partition, None)
-            stage1.load(partition, [(t.type, t.chunks) for t in loaded.transactions], from_start=loaded.from_start)
+            try:
+                stage1.load(partition, [(t.type, t.chunks) for t in loaded.transactions], from_start=loaded.from_start)
+            except StateUnreadable as exc:
+                # One partition's state must not stop the others (nor, by a crash, every worker the
+                # partition moves to): its messages wait in Kafka, unacknowledged, until it is fixed.
+                state_log.release(partition)
+                unreadable[partition] = time.monotonic() + STATE_UNREADABLE_RETRY_S
+                metrics.STATE_UNREADABLE.labels(str(partition)).set(1)
+                log.error("%s: its messages wait, unprocessed, until it can be read (restore %s, or start a new "
+                          "ABSTREAM_TOPIC_PREFIX); trying again in %g s", exc, state_log.topic, STATE_UNREADABLE_RETRY_S)
+                failed.add(partition)
+                continue
+            if unreadable.pop(partition, None) is not None:
+                metrics.STATE_UNREADABLE.labels(str(partition)).set(0)
             claimed.add(partition)
         return failed
 
@@ -323,6 +343,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         settled_generation = app.consumer_generation_id
         for partition in set(stage1.partitions) - inputs_owned:
             let_go(partition)
+        for partition in set(unreadable) - inputs_owned:  # its new owner says so, if it must
+            del unreadable[partition]
+            metrics.STATE_UNREADABLE.labels(str(partition)).set(0)
         stage2_states = experiment_partials.data.data
         for experiment_id in [e for e, s in stage2_states.items() if s.get("partition") not in owned]:
             del stage2_states[experiment_id]

@@ -84,16 +84,25 @@ def kill_worker(process) -> None:
 def group_lag(settings: Settings, group: str, topics: list[str], timeout_s: float = 10.0) -> dict[str, int]:
     """Messages beyond a consumer group's committed offsets, per topic (the group's real lag:
     what it would read again after a crash)."""
+    lag: dict[str, int] = {t: 0 for t in topics}
+    for (topic, _), n in partition_lag(settings, group, topics, timeout_s).items():
+        lag[topic] += n
+    return lag
+
+
+def partition_lag(settings: Settings, group: str, topics: list[str],
+                  timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """:func:`group_lag` per (topic, partition)."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": "false"}))
     try:
         partitions = [TopicPartition(t, p) for t in topics
                       for p in consumer.list_topics(t, timeout=timeout_s).topics[t].partitions]
-        lag: dict[str, int] = {t: 0 for t in topics}
+        lag: dict[tuple[str, int], int] = {}
         for tp in consumer.committed(partitions, timeout=timeout_s):
             low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout_s)
-            lag[tp.topic] += high - (tp.offset if tp.offset >= 0 else low)
+            lag[(tp.topic, tp.partition)] = high - (tp.offset if tp.offset >= 0 else low)
         return lag
     finally:
         consumer.close()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import fastavro
+from aiokafka.partitioner import murmur2
 import numpy as np
 import pytest
 
@@ -40,11 +41,12 @@ from streams.experiments import ExperimentConfig, publish_config, start
 from streams.processes import stop_worker, wait_healthy
 from streams.scenario import ArmTruth, ExperimentScenario, scenario_events
 from streams.settings import Settings
+from streams.state_log import StateLog
 from streams.simulate import malformed_payloads
 from streams.topics import DEADLETTER, INPUT_TOPICS, STAGE1_STATE, ensure_topics, make_producer
 from streams.warehouse import RAW_TABLES
-from tests.support import (clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings, read_all,
-                           rss_bytes, start_worker_process, wait_until)
+from tests.support import (clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings, partition_lag,
+                           read_all, rss_bytes, start_worker_process, wait_until)
 from tests.test_engine import (WINDOW_S, config_for, decision_statistics, ground_truth, served_decision, sql,
                                statistics_from_totals)
 from tests.test_pipeline import scrape, total
@@ -629,6 +631,62 @@ def test_kafka_refuses_the_state_log_for_20_seconds(cluster):
     assert result["letters"] == len(expected.dead), "a batch read again after a refusal re-sent its dead letters"
     report("state-log-refused", started, refused_at=refused_at, restored_at=restored_at, of=len(messages),
            failures=failures, stage1_lag_at_end_of_fault=stage1_lag, **result)
+
+
+def corrupt_state_log(settings: Settings, partition: int) -> None:
+    """Commit a transaction whose chunk is not a chunk to the partition's state log, as a
+    damaged topic or an incompatible abstream version would leave it."""
+    log = StateLog(settings, settings.topic(STAGE1_STATE), owner="test-corrupter")
+    try:
+        log.acquire(partition)
+        log.append(partition, "delta", [b"\x07 not a chunk"])
+        log.flush()
+        log.release(partition)
+    finally:
+        log.close()
+
+
+def test_a_partition_whose_state_cannot_be_applied_waits_and_the_others_go_on(cluster):
+    """One input partition's state log holds a transaction that does not decode: the worker
+    stays up, counts the other partitions exactly, acknowledges nothing of that partition,
+    and says so in its log and metrics."""
+    started = time.monotonic()
+    messages, configs = fault_stream(seed=11)
+    prepare(cluster.settings, configs)
+    bad = 1
+    corrupt_state_log(cluster.settings, bad)
+    worker = cluster.start("w0", sink=False)
+    s = cluster.worker_settings["w0"]
+    feeder = cluster.feed(messages, rate_per_s=len(messages) / 10)
+    feeder.finish()
+
+    def partition_of(m: Outgoing) -> int:
+        return (murmur2(m.key) & 0x7FFFFFFF) % s.partitions
+
+    waiting = sum(1 for m in messages if m.key is not None and partition_of(m) == bad)
+    expected = expected_outcome([m for m in messages if m.key is not None and partition_of(m) != bad], configs)
+    inputs = input_topics(s)
+    state: dict = {}
+
+    def settled() -> bool:
+        state["lag"] = partition_lag(s, f"{s.topic_prefix}worker", inputs)
+        decisions = latest_decisions(s)
+        state["decisions"] = {e: decision_view(decisions.get(e)) for e in expected.truths}
+        return (not any(n for (_, p), n in state["lag"].items() if p != bad)
+                and all(state["decisions"][e] == expected_view(expected, e) for e in expected.truths))
+
+    wait_until(settled, 120, "the other partitions counted exactly")
+    assert waiting > 0
+    # Keyless messages (some malformed ones) may land on the partition too.
+    assert sum(n for (_, p), n in state["lag"].items() if p == bad) >= waiting, "nothing of it may be acknowledged"
+    assert worker.poll() is None, cluster.log("w0")
+    samples = scrape(s)
+    assert total(samples, "abstream_state_unreadable", partition=str(bad)) == 1
+    assert total(samples, "abstream_state_unreadable") == 1
+    log_text = (cluster.tmp / "w0.log").read_text(errors="replace")
+    assert f"the stage-1 state of input partition {bad} cannot be applied" in log_text, log_text[-4000:]
+    assert "Traceback" not in log_text and "crashed" not in log_text.lower(), log_text[-4000:]
+    report("state-unreadable", started, waiting=waiting, lag=sum(state["lag"].values()))
 
 
 # --- 6. ten thousand fuzzed messages ----------------------------------------------------------

@@ -51,7 +51,7 @@ PENDING_METRICS: set[str] = set()
 # stopped or in draft).
 # Exported, but this scenario has no alert, kill, ignored event, shadow run or second hour of scores.
 NO_SERIES_IN_SCENARIO = {"abstream_alerts_total", "abstream_killswitch_total", "abstream_events_ignored_total",
-                         "abstream_shadow_disagreement_ratio", "abstream_drift_psi"}
+                         "abstream_shadow_disagreement_ratio", "abstream_drift_psi", "abstream_state_unreadable"}
 # Series that Prometheus makes itself.
 PROMETHEUS_SERIES = {"up"}
 

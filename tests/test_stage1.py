@@ -16,7 +16,7 @@ from streams.codec import Codec, DeadLetterReason, EventKind
 from streams.experiments import ExperimentConfig, start
 from streams.partials import HOUR_MS, LATENCY_SKETCH, SCORE_BINS, Partial
 from streams.settings import Settings
-from streams.stage1 import Stage1, group_by_partition
+from streams.stage1 import Stage1, StateUnreadable, group_by_partition
 from streams.topics import INPUT_TOPICS
 from streams.units import MAX_AWAITING_OUTCOMES, RECENT_EVENT_IDS, UnitTable, pack, unpack
 
@@ -433,6 +433,21 @@ def test_a_poison_event_becomes_a_dead_letter_and_the_unit_keeps_the_rest():
         each.process(group_by_partition([exposure]))
         assert partial_of(each).fates == {"attributed": 2}
     assert partial_of(again).to_dict() == partial_of(fold).to_dict()
+
+
+def test_a_state_log_that_cannot_be_applied_is_refused_whole():
+    fold, log = fresh_fold()
+    log.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.OUTCOME, 2)])
+    good = log.transactions[0]
+    for damaged in (b"", b"\x07 not a chunk", good[0][1][0][:-5]):
+        again = Stage1(SETTINGS, CODEC, Experiments())
+        with pytest.raises(StateUnreadable, match="input partition 0 cannot be applied"):
+            again.load(0, [*good, ("delta", [damaged])], from_start=True)
+        assert 0 not in again.partitions and not again.take_dirty()
+    # A partition continued from memory is not left half-applied either.
+    with pytest.raises(StateUnreadable):
+        fold.load(0, [("delta", [b"\x07 not a chunk"])], from_start=False)
+    assert 0 not in fold.partitions
 
 
 def test_prediction_latencies_reach_the_histogram_once_even_when_a_batch_is_folded_twice(monkeypatch):
