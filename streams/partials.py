@@ -94,6 +94,25 @@ class Partial:
         for key, value in changes.items():
             mine[key] = mine.get(key, 0) + value
 
+    def drop_middle_score_hours(self) -> None:
+        """Keep each variant's score bins of its first and its latest event-time hour only: the
+        drift guardrail compares just those two, and the hours between grew every partial (and
+        every message carrying one) by 20 counters per variant per hour of the experiment's life.
+
+        Exact whenever it is applied, and across partitions: an hour that is the first or the
+        latest now was never between two others before (the first only moves earlier, the
+        latest later), so it kept every count; and a partition with scores in the experiment's
+        overall first (latest) hour has it as its own first (latest)."""
+        hours: dict[str, set[int]] = {}
+        for ns, name, key in self.counters:
+            if ns == "score":
+                hours.setdefault(name, set()).add(int(key.partition(":")[0]))
+        middle = {(name, hour) for name, seen in hours.items() if len(seen) > 2
+                  for hour in seen - {min(seen), max(seen)}}
+        if middle:
+            self.counters = {k: v for k, v in self.counters.items()
+                             if k[0] != "score" or (k[1], int(k[2].partition(":")[0])) not in middle}
+
     def merge(self, other: "Partial") -> "Partial":
         merged = Partial.from_dict(self.to_dict())
         merged._absorb(other)

@@ -199,7 +199,9 @@ class Stage1:
                 partial = state.partials[experiment_id] = Partial()
                 _move(partial, table, config, table.view(rows, blank=True), table.view(rows))
         for experiment_id, mine in counters.items():
-            state.partials.setdefault(experiment_id, Partial()).counters = mine
+            partial = state.partials.setdefault(experiment_id, Partial())
+            partial.counters = mine
+            partial.drop_middle_score_hours()
         self.partitions[partition] = state
         self.dirty |= {(partition, e) for e in state.partials}
 
@@ -426,6 +428,7 @@ class Stage1:
         for experiment_id, changes in counter_changes.items():
             partial = state.partials.setdefault(experiment_id, Partial())
             partial.add_counters(changes)
+            partial.drop_middle_score_hours()
             self.dirty.add((partition, experiment_id))
         return chunks, {e: list(_counter_list(c)) for e, c in counter_changes.items()}
 

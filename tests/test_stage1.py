@@ -224,7 +224,15 @@ class Rules:
                 arm["sums"][m.name] = [a + b for a, b in zip(sums, terms)]
         exposed = [u.exposed_ms for u in units if u.exposed_ms is not None]
         counters: dict = {}
-        for (ns, name, key), n in self.counters[(partition, experiment_id)].items():
+        mine = self.counters[(partition, experiment_id)]
+        # Of the score bins, those of each variant's first and latest hour only (what drift reads).
+        hours = defaultdict(list)
+        for ns, name, key in mine:
+            if ns == "score":
+                hours[name].append(int(key.split(":")[0]))
+        for (ns, name, key), n in mine.items():
+            if ns == "score" and int(key.split(":")[0]) not in (min(hours[name]), max(hours[name])):
+                continue
             counters.setdefault(f"{ns}:{name}", {})[key] = n
         return {"variants": variants, "fates": {f: n for f, n in fates.items() if n},
                 "inconsistencies": sum(u.inconsistencies + (sum(u.predicted.values()) - u.predicted.get(u.variant, 0)
@@ -433,6 +441,17 @@ def test_a_poison_event_becomes_a_dead_letter_and_the_unit_keeps_the_rest():
         each.process(group_by_partition([exposure]))
         assert partial_of(each).fates == {"attributed": 2}
     assert partial_of(again).to_dict() == partial_of(fold).to_dict()
+
+
+def test_score_bins_are_kept_for_the_first_and_the_latest_hour_only():
+    """A long experiment's partials do not grow with its age: drift reads two hours."""
+    fold, log = fresh_fold()
+    hour = 3_600_000
+    log.process([message(EventKind.ASSIGNMENT, 0)] +
+                [message(EventKind.PREDICTION, i, event_time=T0 + i * hour, score=0.1 + (i % 5) / 10) for i in range(1, 49)])
+    kept = {(name, key) for ns, name, key in partial_of(fold).counters if ns == "score"}
+    assert kept == {("treatment", f"{(T0 + hour) // hour}:4"), ("treatment", f"{(T0 + 48 * hour) // hour}:8")}
+    assert sum(n for (ns, _, _), n in partial_of(fold).counters.items() if ns == "status") == 48
 
 
 def test_a_state_log_that_cannot_be_applied_is_refused_whole():
