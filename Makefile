@@ -31,7 +31,7 @@ kafka-start: setup
 kafka-stop: setup
 	$(BIN)/abstream kafka stop
 
-## The benchmark (issue 10): its own broker, workers, paced load; writes bench/results.json (~8 min on 2 cores).
+## The benchmark (issue 10): its own broker, workers, paced load; writes bench/results.json (~9 min on 2 cores).
 ## Not part of `make test`. BENCH_ARGS='--only throughput' runs a part.
 BENCH_ARGS ?=
 bench: setup
