@@ -28,11 +28,12 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 _HEADER = struct.Struct(">bI")
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 
-# Bounds that make a value absurd rather than merely surprising. Fixed, not relative to
-# the clock, so that every process (worker, sink, replay next week) judges an event alike.
 # An id the registry said it does not know is not asked about again for this long: a stream
 # written against another registry would otherwise cost one registry request per message.
 MISSING_SCHEMA_RECHECK_S = 30.0
+
+# Bounds that make a value absurd rather than merely surprising. Fixed, not relative to
+# the clock, so that every process (worker, sink, replay next week) judges an event alike.
 MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 MAX_LATENCY_MS = 3_600_000.0
