@@ -238,11 +238,15 @@ class CpuLimit:
         self.path = self.root / name
         self.path.mkdir()
         quota = int(cores * self.PERIOD_US)
-        if v1:
-            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
-            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
-        else:
-            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        try:
+            if v1:
+                (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+                (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            else:  # needs the cpu controller enabled for the root's children
+                (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        except OSError:
+            self.path.rmdir()
+            raise
 
     @classmethod
     def unavailable(cls) -> str | None:
