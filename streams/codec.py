@@ -31,6 +31,8 @@ _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 # An id the registry said it does not know is not asked about again for this long: a stream
 # written against another registry would otherwise cost one registry request per message.
 MISSING_SCHEMA_RECHECK_S = 30.0
+# How long one request to the schema registry may take (the client retries once).
+REGISTRY_TIMEOUT_S = 3.0
 
 # Bounds that make a value absurd rather than merely surprising. Fixed, not relative to
 # the clock, so that every process (worker, sink, replay next week) judges an event alike.
@@ -82,6 +84,12 @@ class DeadLetter:
 
 class UnknownSchemaId(LookupError):
     pass
+
+
+class SchemaRegistryUnavailable(RuntimeError):
+    """The schema registry gave no answer about an id (down, timed out, refused, an error of
+    its own): whether the id exists is not known, so what carries it must wait, not be
+    dead-lettered. :meth:`Codec.decode` raises it rather than return a dead letter."""
 
 
 @dataclass(frozen=True)
@@ -182,11 +190,13 @@ class RegistryCatalogue:
         try:
             schema = self._client.get_schema(schema_id)
         except Exception as exc:  # the registry client raises its own error types
+            if getattr(exc, "http_status_code", None) != 404:
+                raise SchemaRegistryUnavailable(f"the schema registry did not say what schema id {schema_id} is: "
+                                                f"{type(exc).__name__}: {exc}"[:300]) from None
             detail = f"schema id {schema_id} is not in the registry: {exc}"
-            if getattr(exc, "http_status_code", None) == 404:  # not an outage: the answer holds a while
-                if len(self._missing) >= 10_000:
-                    self._missing.clear()  # hostile ids must not grow it without bound
-                self._missing[schema_id] = (time.monotonic(), detail)
+            if len(self._missing) >= 10_000:
+                self._missing.clear()  # hostile ids must not grow it without bound
+            self._missing[schema_id] = (time.monotonic(), detail)  # an answer: it holds a while
             raise UnknownSchemaId(detail) from None
         try:
             kind, parsed = parse_schema(schema.schema_str, self._local.kind_by_record)
@@ -229,7 +239,8 @@ class Codec:
         return buf.getvalue()
 
     def decode(self, kind: Kind, payload: bytes | None) -> dict | DeadLetter:
-        """The validated record, or the dead letter that says why there is none."""
+        """The validated record, or the dead letter that says why there is none. Raises
+        :class:`SchemaRegistryUnavailable` when the registry cannot say what the schema id is."""
         if payload is None or len(payload) < _HEADER.size or payload[0] != 0:
             return DeadLetter(DeadLetterReason.NOT_WIRE_FORMAT, "payload does not start with magic byte 0 and a schema id")
         schema_id = _HEADER.unpack_from(payload)[1]
@@ -349,5 +360,8 @@ def schema_source(registry_url: str = "") -> SchemaSource:
         return LocalCatalogue()
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    # new_client also accepts mock:// URLs (an in-process registry, for tests and trials).
-    return RegistryCatalogue(SchemaRegistryClient.new_client({"url": registry_url}))
+    # new_client also accepts mock:// URLs (an in-process registry, for tests and trials). The
+    # client waits for ever by default; a worker asks while its event loop waits, so a registry
+    # that hangs costs a bounded pause, and the batch is tried again later.
+    return RegistryCatalogue(SchemaRegistryClient.new_client({
+        "url": registry_url, "timeout": REGISTRY_TIMEOUT_S, "max.retries": 1, "retries.wait.ms": 200}))

@@ -132,6 +132,11 @@ STATE_UNREADABLE = Gauge(
     "1 while this worker cannot apply an input partition's stage-1 state log (its messages wait, unprocessed).",
     ["partition"],
 )
+SCHEMA_REGISTRY_UNAVAILABLE = Gauge(
+    "abstream_schema_registry_unavailable",
+    "1 while the schema registry cannot say what a schema id of the input is (those messages wait, unprocessed).",
+    ["role"],
+)
 SINK_LAST_WRITE = Gauge("abstream_sink_last_write_timestamp_seconds", "Unix time of the sink's last successful write.")
 SHADOW_DISAGREEMENT = Gauge(
     "abstream_shadow_disagreement_ratio", "Share of compared shadow runs where the challenger disagrees with the champion.",

@@ -47,7 +47,7 @@ from typing import Iterable, Sequence
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from streams import metrics
-from streams.codec import Codec, ControlKind, DeadLetter, EventKind
+from streams.codec import Codec, ControlKind, DeadLetter, EventKind, SchemaRegistryUnavailable
 from streams.settings import Settings
 from streams.topics import ALERTS, DEADLETTER, DECISIONS, input_topic_names
 from streams.warehouse import (ALERTS_TABLE, DEADLETTER_COLUMNS, DEADLETTER_TABLE, DECISIONS_TABLE, RAW_TABLES,
@@ -158,19 +158,24 @@ class Sink:
         return True
 
     def _write_until_done(self, messages: Sequence[Message]) -> bool:
-        """Write the batch, retrying while ClickHouse fails (back-pressure: no more is read
-        meanwhile); False when the sink is stopped before the batch could be written."""
+        """Write the batch, retrying while ClickHouse fails or the schema registry cannot be
+        asked (back-pressure: no more is read meanwhile); False when the sink is stopped before
+        the batch could be written."""
         delay_s = 0.1
         while True:
             try:
                 self.write(messages)
                 metrics.SINK_LAST_WRITE.set(time.time())
+                metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("sink").set(0)
                 return True
-            except WarehouseError as exc:
-                metrics.SINK_RETRIES.inc()
+            except (WarehouseError, SchemaRegistryUnavailable) as exc:
+                if isinstance(exc, WarehouseError):
+                    metrics.SINK_RETRIES.inc()
+                else:
+                    metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("sink").set(1)
                 # The batch waits: its age is the sink's lag, and on-call should see it grow.
                 metrics.SINK_LAG_SECONDS.set(max(0.0, time.time() - min(m.timestamp()[1] for m in messages) / 1000))
-                log.warning("sink write failed, retrying in %.1f s: %s", delay_s, exc)
+                log.warning("sink batch not written, retrying in %.1f s: %s", delay_s, exc)
                 if self._stop.wait(delay_s):
                     return False
                 delay_s = min(self.retry_max_s, delay_s * 2)

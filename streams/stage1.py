@@ -265,6 +265,15 @@ class Stage1:
             duplicates[topic] += replays
             if replays < len(messages):
                 fresh[(topic, partition)] = messages[replays:]
+        # Every topic's messages decoded before anything changes or is counted: a schema
+        # registry that cannot say what an id is (SchemaRegistryUnavailable) leaves the batch
+        # as if it had not been read, to be read again.
+        decoded: dict[EventKind, tuple[list[tuple[int, Sequence[InputMessage]]], DecodedBatch]] = {}
+        for kind in EventKind:
+            parts = [(p, ms) for (t, p), ms in fresh.items() if self.kinds[t] is kind]
+            if parts:
+                values = [value for _, ms in parts for value in map(_value_of, ms)]
+                decoded[kind] = parts, self.decoders[kind].decode(values)
         metrics.BATCH_EVENTS.observe(sum(consumed.values()))
         for topic, n in consumed.items():
             metrics.EVENTS_CONSUMED.labels(self.short_names[topic]).inc(n)
@@ -272,10 +281,8 @@ class Stage1:
         touched = sorted({partition for _, partition in fresh})
         first_new = {p: self.partitions[p].table.n for p in touched}
         routed: dict[int, list[_Events]] = {}
-        for kind in EventKind:
-            parts = [(p, ms) for (t, p), ms in fresh.items() if self.kinds[t] is kind]
-            if parts:
-                self._route(kind, parts, routed, result)
+        for kind, (parts, values) in decoded.items():
+            self._route(kind, parts, values, routed, result)
         for partition in touched:
             state = self.partitions[partition]
             events = routed.get(partition, [])
@@ -296,13 +303,12 @@ class Stage1:
                 metrics.EVENTS_DUPLICATE.labels(self.short_names[topic]).inc(n)
         return result
 
-    def _route(self, kind: EventKind, parts: list[tuple[int, Sequence[InputMessage]]],
+    def _route(self, kind: EventKind, parts: list[tuple[int, Sequence[InputMessage]]], decoded: DecodedBatch,
                routed: dict[int, list[_Events]], result: BatchResult) -> None:
-        """Decode one topic's messages of every partition at once; dead-letter the bad ones and
+        """One topic's messages of every partition, decoded at once: dead-letter the bad ones and
         those of unknown experiments, count those of inactive ones, and route the rest to their
         partitions' tables (rows created for units seen for the first time)."""
         messages = _Concatenated([ms for _, ms in parts])
-        decoded = self.decoders[kind].decode([value for _, ms in parts for value in map(_value_of, ms)])
         partitions = np.repeat(np.array([p for p, _ in parts], dtype=np.int64), [len(ms) for _, ms in parts])
         short = self.short_names[self.topics[kind]]
         for i, letter in sorted(decoded.letters.items()):

@@ -5,14 +5,17 @@ import logging
 import threading
 import time
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.codec import DeadLetter, EventKind
+from streams.codec import DeadLetter, EventKind, SchemaRegistryUnavailable
 from streams.settings import Settings
 from streams.state_log import StateLogError, ensure_state_topic
 
 log = logging.getLogger("abstream.topics")
+
+# A follower that meets a record the schema registry cannot decode for now reads it again after this long.
+REGISTRY_RETRY_S = 1.0
 
 # Input topics are keyed by unit_id and co-partitioned, so that a unit's exposure and its
 # later outcomes meet in the same partition (and worker).
@@ -142,7 +145,7 @@ def deadletter_headers(dead: DeadLetter, topic: str, partition: int, offset: int
 def read_latest(settings: Settings, topic: str, timeout_s: float = 10.0) -> dict[bytes, tuple[int, bytes | None]]:
     """key -> (partition, value) of the newest record per key, reading the topic from its
     beginning to the high watermarks seen at the start (a compacted topic's current state)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, Consumer
 
     consumer = Consumer(settings.kafka_config(**{
         "group.id": f"{settings.topic_prefix}reader",  # assign() only: never joins or commits
@@ -230,7 +233,7 @@ class TopicFollower:
 
     def start(self, timeout_s: float = 30.0):
         """Note the topics' high watermarks and start following them from the beginning."""
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING
 
         if self._thread is not None:
             return self
@@ -273,8 +276,6 @@ class TopicFollower:
                 self._probe = None
 
     def _high_watermarks(self, deadline: float) -> dict[tuple[str, int], int]:
-        from confluent_kafka import TopicPartition
-
         ends = {}
         with self._probe_lock:
             if self._probe is None:
@@ -302,7 +303,15 @@ class TopicFollower:
                     if error.fatal():
                         raise self.error_type(error.str())
                     continue  # librdkafka retries transient errors itself
-                changed = self._apply(message) if error is None else False
+                try:
+                    changed = self._apply(message) if error is None else False
+                except SchemaRegistryUnavailable as exc:
+                    # Not skipped (an experiment's config must not go missing for an outage):
+                    # the record is read again once the registry answers.
+                    log.warning("%s follower waits for the schema registry: %s", self._role, exc)
+                    consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+                    self._stopping.wait(REGISTRY_RETRY_S)
+                    continue
                 position = message.offset() + 1 if error is None else message.offset()
                 where = (message.topic(), message.partition())
                 with self._changed:

@@ -35,7 +35,7 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import fetch, metrics
-from streams.codec import Codec, ControlKind, DeadLetter, schema_source
+from streams.codec import Codec, ControlKind, DeadLetter, SchemaRegistryUnavailable, schema_source
 from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
@@ -241,7 +241,18 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         not_claimed = await acquire({partition for _, partition in batch})
         if not_claimed:  # read again, once they are claimed
             batch = {tp: records for tp, records in batch.items() if tp[1] not in not_claimed}
-        result = stage1.process(batch)
+        nonlocal retry_delay_s
+        try:
+            result = stage1.process(batch)
+        except SchemaRegistryUnavailable as exc:
+            # Nothing of the batch was judged or counted: it is read again once the registry
+            # answers, rather than its events dead-lettered for a schema nobody could look up.
+            metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("stage1").set(1)
+            retry_delay_s = min(STATE_RETRY_MAX_S, max(STATE_RETRY_MIN_S, 2 * retry_delay_s))
+            log.warning("%s; the batch waits and is read again in %g s", exc, retry_delay_s)
+            await asyncio.sleep(retry_delay_s)
+            return set(batch) | {(topic, partition) for topic in input_names for partition in not_claimed}
+        metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("stage1").set(0)
         for message, letter in result.dead:
             if message.offset < lettered.get((message.topic, message.partition), 0):
                 continue  # sent before this batch's state was refused
@@ -256,7 +267,6 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         # between must not leave a message judged but its letter lost.
         if result.dead:
             await app.producer.flush()
-        nonlocal retry_delay_s
         unwritten, unsnapshotted = await app.loop.run_in_executor(None, write_state, result.transactions)
         metrics.STATE_WRITE_FAILURES.inc(len(unwritten | unsnapshotted))
         for partition in unwritten | unsnapshotted:

@@ -203,3 +203,71 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(interval_s)
+
+
+class CatalogueRegistry:
+    """A schema registry for fault tests: the two calls of the Confluent REST API that abstream
+    makes (register a schema under a subject; read a schema by id), answered over real HTTP
+    from schemas/catalogue.json, so that its ids are the local catalogue's and a stream
+    written without a registry reads the same through it. While ``refusing`` is set it answers
+    look-ups by id with 503, as a registry in an outage does; ``refused`` counts those."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from streams.codec import SCHEMA_DIR
+
+        entries = json.loads((SCHEMA_DIR / "catalogue.json").read_text())["schemas"]
+        texts = {entry["id"]: (SCHEMA_DIR / entry["file"]).read_text() for entry in entries}
+        ids = {json.dumps(json.loads(text), sort_keys=True): schema_id for schema_id, text in texts.items()}
+        self.refusing = False
+        self.refused = 0
+        self.lookups = 0
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) != 3 or parts[:2] != ["schemas", "ids"] or not parts[2].isdigit():
+                    return self._answer(404, {"error_code": 404, "message": "HTTP 404 Not Found"})
+                registry.lookups += 1
+                if registry.refusing:
+                    registry.refused += 1
+                    return self._answer(503, {"error_code": 50301, "message": "registry unavailable (test outage)"})
+                text = texts.get(int(parts[2]))
+                if text is None:
+                    return self._answer(404, {"error_code": 40403, "message": "Schema not found"})
+                return self._answer(200, {"schema": text})
+
+            def do_POST(self):  # noqa: N802
+                parts = self.path.split("?")[0].strip("/").split("/")
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                schema_id = ids.get(json.dumps(json.loads(body.get("schema", "{}")), sort_keys=True))
+                if len(parts) != 3 or parts[0] != "subjects" or parts[2] != "versions" or schema_id is None:
+                    return self._answer(422, {"error_code": 42201, "message": "not a schema of schemas/catalogue.json"})
+                return self._answer(200, {"id": schema_id})
+
+            def log_message(self, *args):  # keep the test output quiet
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="test-registry", daemon=True)
+
+    def __enter__(self) -> "CatalogueRegistry":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -37,7 +37,7 @@ from streams.experiments import (
     stop,
 )
 from streams.topics import make_producer
-from tests.support import wait_until
+from tests.support import CatalogueRegistry, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "experiments").glob("*.yaml"))
@@ -491,6 +491,24 @@ def test_the_catalogue_sees_changes_published_after_it_started(settings):
         assert catalogue.wait_for_change(seen, 30) > seen
         wait_until(lambda: set(catalogue.all()) == {"exp-1", "exp-2"}, 30, "the second experiment")
         assert catalogue.get("exp-missing") is None
+
+
+@pytest.mark.kafka
+def test_a_config_the_schema_registry_cannot_decode_for_now_is_read_again_not_skipped(settings):
+    from dataclasses import replace
+
+    config = ExperimentConfig.from_mapping(minimal(), now_ms=T0)
+    publish_config(settings, config)  # written with the local catalogue's ids, which the registry serves
+    with CatalogueRegistry() as registry:
+        registry.refusing = True
+        with ExperimentCatalogue(replace(settings, schema_registry_url=registry.url)) as catalogue:
+            wait_until(lambda: registry.refused >= 2, 30, "the catalogue to ask the registry twice")
+            assert catalogue.all() == {} and catalogue.skipped == 0 and catalogue.error is None
+            with pytest.raises(ExperimentTopicError, match="did not read"):
+                catalogue.wait_until_caught_up(0.5)
+            registry.refusing = False
+            catalogue.wait_until_caught_up(30)
+            assert catalogue.all() == {"exp-1": config} and catalogue.skipped == 0
 
 
 @pytest.mark.kafka

@@ -45,8 +45,8 @@ from streams.state_log import StateLog
 from streams.simulate import malformed_payloads
 from streams.topics import DEADLETTER, INPUT_TOPICS, STAGE1_STATE, ensure_topics, make_producer
 from streams.warehouse import RAW_TABLES
-from tests.support import (clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings, partition_lag,
-                           read_all, rss_bytes, start_worker_process, wait_until)
+from tests.support import (CatalogueRegistry, clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings,
+                           partition_lag, read_all, rss_bytes, start_worker_process, wait_until)
 from tests.test_engine import (WINDOW_S, config_for, decision_statistics, ground_truth, served_decision, sql,
                                statistics_from_totals)
 from tests.test_pipeline import scrape, total
@@ -631,6 +631,48 @@ def test_kafka_refuses_the_state_log_for_20_seconds(cluster):
     assert result["letters"] == len(expected.dead), "a batch read again after a refusal re-sent its dead letters"
     report("state-log-refused", started, refused_at=refused_at, restored_at=restored_at, of=len(messages),
            failures=failures, stage1_lag_at_end_of_fault=stage1_lag, **result)
+
+
+def registry_waits(settings: Settings) -> dict[str, float]:
+    """role -> abstream_schema_registry_unavailable of the worker."""
+    return {dict(labels)["role"]: value for (name, labels), value in scrape(settings).items()
+            if name == "abstream_schema_registry_unavailable"}
+
+
+def test_a_schema_registry_outage_of_20_seconds_holds_events_back_and_loses_none(cluster):
+    """The workers read schema ids through a registry that answers look-ups with 503 for 20 s
+    before they have seen any of the stream's ids: nothing is dead-lettered for it, nothing is
+    acknowledged, and once it answers the counts end exact (the producers wrote the same ids
+    without a registry, so the expected outcome is judged by the local catalogue)."""
+    started = time.monotonic()
+    messages, configs = fault_stream(seed=9)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    with CatalogueRegistry() as registry:
+        worker = cluster.start("w0", sink=True, env={"ABSTREAM_SCHEMA_REGISTRY_URL": registry.url})
+        s = cluster.worker_settings["w0"]
+        registry.refusing = True
+        feeder = cluster.feed(messages, rate_per_s=len(messages) / 40)
+        wait_until(lambda: registry.refused >= 5 and feeder.sent >= 0.2 * len(messages), 60,
+                   "the worker and the sink to meet the outage")
+        fault_ends = time.monotonic() + 20
+        while time.monotonic() < fault_ends:  # the fault lasts 20 s by definition
+            assert worker.poll() is None, cluster.log("w0")
+            time.sleep(1)
+        refused = registry.refused
+        assert consumed(s) == 0, "nothing may be counted before its schema is known"
+        assert sum(group_lag(s, f"{s.topic_prefix}worker", input_topics(s)).values()) > 0
+        assert not read_all(s, s.topic(DEADLETTER), timeout_s=5), "an outage is not a reason to dead-letter"
+        assert registry_waits(s) == {"stage1": 1.0, "sink": 1.0}
+        registry.refusing = False
+        restored_at = feeder.sent
+        assert restored_at < len(messages), "the stream must go on past the fault"
+        result = settle_and_check(cluster.settings, s, expected, feeder, messages)
+        assert worker.poll() is None
+        assert expected.dead, "the stream must hold rejected messages for the next check to mean anything"
+        assert result["letters"] == len(expected.dead)
+        assert registry_waits(s) == {"stage1": 0.0, "sink": 0.0}
+    report("schema-registry-outage", started, restored_at=restored_at, of=len(messages), refused=refused, **result)
 
 
 def corrupt_state_log(settings: Settings, partition: int) -> None:

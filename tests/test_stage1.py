@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from streams.codec import Codec, DeadLetterReason, EventKind
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from streams.codec import Codec, DeadLetterReason, EventKind, RegistryCatalogue, SchemaRegistryUnavailable
 from streams.experiments import ExperimentConfig, start
 from streams.partials import HOUR_MS, LATENCY_SKETCH, SCORE_BINS, Partial
 from streams.settings import Settings
@@ -441,6 +444,45 @@ def test_a_poison_event_becomes_a_dead_letter_and_the_unit_keeps_the_rest():
         each.process(group_by_partition([exposure]))
         assert partial_of(each).fates == {"attributed": 2}
     assert partial_of(again).to_dict() == partial_of(fold).to_dict()
+
+
+def test_a_batch_the_schema_registry_cannot_decode_for_now_changes_nothing_and_folds_alike_later(monkeypatch):
+    registry = SchemaRegistryClient.new_client({"url": "mock://abstream-stage1-outage"})
+    writer = Codec(RegistryCatalogue(registry))
+    outcome_id = RegistryCatalogue(registry).id_for(EventKind.OUTCOME)
+
+    def encoded(kind, offset, **fields):
+        r = record(kind, offset, **fields)
+        return Message(SETTINGS.topic(INPUT_TOPICS[kind]), 0, offset, r["unit_id"].encode(), writer.encode(kind, r))
+
+    # Assignments decode before outcomes: a failure on the outcomes must not leave their rows behind.
+    batch = group_by_partition([encoded(EventKind.ASSIGNMENT, 1), encoded(EventKind.ASSIGNMENT, 2, unit_id="u2"),
+                                encoded(EventKind.OUTCOME, 3), encoded(EventKind.OUTCOME, 4, unit_id="u3")])
+    reference = Stage1(SETTINGS, Codec(RegistryCatalogue(registry)), Experiments())
+    reference.load(0, [], from_start=True)
+    expected = reference.process(batch)
+
+    down = True
+    ask = registry.get_schema
+
+    def get_schema(schema_id, *args, **kwargs):
+        if down and schema_id == outcome_id:
+            raise SchemaRegistryError(503, 50301, "registry unavailable")
+        return ask(schema_id, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "get_schema", get_schema)
+    fold = Stage1(SETTINGS, Codec(RegistryCatalogue(registry)), Experiments())
+    fold.load(0, [], from_start=True)
+    for _ in range(2):
+        with pytest.raises(SchemaRegistryUnavailable, match=f"schema id {outcome_id}"):
+            fold.process(batch)
+        assert fold.partitions[0].table.n == 0 and fold.partitions[0].positions == {} and not fold.take_dirty()
+    down = False
+    result = fold.process(batch)
+    assert not result.dead and not expected.dead
+    assert result.transactions == expected.transactions
+    assert partial_of(fold).to_dict() == partial_of(reference).to_dict()
+    assert partial_of(fold).fates == {"attributed": 1, "awaiting_exposure": 1}
 
 
 def test_score_bins_are_kept_for_the_first_and_the_latest_hour_only():
