@@ -417,27 +417,29 @@ def topic_of(settings: Settings, kind: EventKind) -> str:
     return settings.topic(INPUT_TOPICS[kind])
 
 
-def make_bench_producer(settings: Settings) -> Producer:
+def make_bench_producer(settings: Settings, **extra: Any) -> Producer:
+    # Reports for failed messages only: a Python callback per delivered message cost the
+    # producer, which shares the machine with the workers it measures, ~0.3 us each.
     return Producer(producer_config(settings, **{"linger.ms": "20", "batch.num.messages": "10000",
                                                  "queue.buffering.max.messages": "1000000",
-                                                 "queue.buffering.max.kbytes": "1048576"}))
+                                                 "queue.buffering.max.kbytes": "1048576",
+                                                 "delivery.report.only.error": True, **extra}))
 
 
 def publish_all(settings: Settings, corpus: Corpus) -> dict:
     """Every message of the corpus as fast as confluent-kafka takes them; returns timing."""
-    producer = make_bench_producer(settings)
     errors: list[str] = []
 
     def on_delivery(err, _msg):
-        if err is not None:
-            errors.append(err.str())
+        errors.append(err.str() if err is not None else "delivery report without an error")
 
+    producer = make_bench_producer(settings, on_delivery=on_delivery)
     topics = {kind: topic_of(settings, kind) for kind in EventKind}
     t0 = time.time()
     for kind, key, value in zip(corpus.kinds, corpus.keys, corpus.values):
         while True:
             try:
-                producer.produce(topics[kind], key=key, value=value, on_delivery=on_delivery)
+                producer.produce(topics[kind], key=key, value=value)
                 break
             except BufferError:
                 producer.poll(0.01)
@@ -525,7 +527,7 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
     result: dict[str, Any] = {"workers": n_workers, "events": n}
     try:
         cpu0 = [w.cpu_seconds() for w in workers]
-        broker_cpu0 = process_cpu_seconds(bench.broker_pid)
+        broker_cpu0, broker_jit0 = process_cpu_seconds(bench.broker_pid), jit_threads_cpu(bench.broker_pid)
         bench_cpu0, machine0 = time.process_time(), machine_busy_seconds()
         result["loadavg_at_start"] = list(os.getloadavg())
         pub = publish_all(settings, corpus)
@@ -547,7 +549,7 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
                 break
             time.sleep(0.5)
         cpu1 = [w.cpu_seconds() for w in workers]
-        broker_cpu1 = process_cpu_seconds(bench.broker_pid)
+        broker_cpu1, broker_jit1 = process_cpu_seconds(bench.broker_pid), jit_threads_cpu(bench.broker_pid)
         bench_cpu1, machine1 = time.process_time(), machine_busy_seconds()
         result["loadavg_at_end"] = list(os.getloadavg())
         if profile_proc is not None:
@@ -589,11 +591,14 @@ def throughput(bench: Bench, corpus: Corpus, n_workers: int, phase: str, *, prof
             cpu_seconds={
                 "workers": [round(b - a, 2) for a, b in zip(cpu0, cpu1)],
                 "broker": round(broker_cpu1 - broker_cpu0, 2),
+                "broker_jit_compiler": round(jit_seconds_between(broker_jit0, broker_jit1), 2),
                 "bench_process": round(bench_cpu1 - bench_cpu0, 2),
                 "machine_busy": round(machine1 - machine0, 2), "cores": os.cpu_count(),
                 "method": "CPU-seconds (user + system, all threads) from the start of publishing to t_end: each "
                           "worker, the broker, this process (the producer publishing the corpus, the scrapers, the "
-                          "decision watcher); machine_busy = every core's non-idle time from /proc/stat, neighbours "
+                          "decision watcher); broker_jit_compiler = the part of the broker's in its JIT compiler "
+                          "threads alive at t_end (HotSpot stops idle ones; one that exits before is not counted); "
+                          "machine_busy = every core's non-idle time from /proc/stat, neighbours "
                           "included"},
             batches=[batch_histograms(w) for w in workers])
         if n_workers == 1 and not profile_s and worker_cores is None:
@@ -629,6 +634,24 @@ def process_cpu_seconds(pid: int | None) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def jit_threads_cpu(pid: int | None) -> dict[str, int]:
+    """Clock ticks of each of a JVM's JIT compiler threads (HotSpot names them "C1/C2 CompilerThre")."""
+    ticks: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*") if pid is not None else ():
+        try:
+            if " CompilerThre" in (task / "comm").read_text():
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks[task.name] = int(fields[11]) + int(fields[12])
+        except OSError:
+            continue  # the thread exited
+    return ticks
+
+
+def jit_seconds_between(start: dict[str, int], end: dict[str, int]) -> float:
+    """CPU-seconds the compiler threads alive at `end` spent since `start` (HotSpot starts and stops them)."""
+    return sum(t - start.get(tid, 0) for tid, t in end.items()) / os.sysconf("SC_CLK_TCK")
 
 
 def start_pyspy(pid: int, seconds: float) -> subprocess.Popen:
@@ -1359,6 +1382,17 @@ def main() -> int:
             tp_corpus.units, tp_corpus.outcomes = truths(corpus, args.events)
         if "throughput" in parts:
             tp = report["throughput"] = {}
+            # The broker is a fresh JVM: its JIT compiler ran for ~7 CPU-seconds over the first
+            # two runs of a round, ~1 of them inside the two-worker run on cores it saturates.
+            # A production broker has long since compiled its hot paths, so the measured runs
+            # come after one whose figures are kept apart.
+            warm = throughput(bench, tp_corpus, 1, "warm")
+            tp["broker_warm_up"] = {
+                "rate": warm.get("rate"), "seconds": warm.get("seconds"), "cpu_seconds": warm.get("cpu_seconds"),
+                "method": "the one-worker run, on topics of its own, before the measured runs; not a figure of "
+                          "the engine but of a fresh broker compiling its hot paths (broker_jit_compiler)"}
+            log(f"broker warm-up: {warm.get('rate') or 0:,.0f}/s, broker JIT "
+                f"{(warm.get('cpu_seconds') or {}).get('broker_jit_compiler')} CPU-s")
             tp["one_worker"] = throughput(bench, tp_corpus, 1, "tp1", raw_ceiling="ceilings" in parts)
             if "raw_consume_ceiling" in tp["one_worker"]:
                 report.setdefault("ceilings", {})["raw_consume"] = tp["one_worker"].pop("raw_consume_ceiling")
