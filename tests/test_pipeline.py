@@ -21,7 +21,7 @@ from streams.codec import Codec
 from streams.experiments import load_config_file, publish_config, start, stop
 from streams.processes import start_sink, start_worker, stop_worker, wait_healthy
 from streams.simulate import SimulatedMessage, publish, simulate_records, simulated_messages
-from streams.topics import DEADLETTER, ensure_topics
+from streams.topics import DEADLETTER, INPUT_TOPICS, ensure_topics, make_producer
 from streams.warehouse import RAW_TABLES, event_columns
 from tests.support import free_port, wait_until
 
@@ -145,6 +145,34 @@ def test_ten_thousand_events_reach_clickhouse_exactly_once(worker_settings, tmp_
             capture_output=True, text=True, timeout=60, env={**os.environ, **settings.to_env()})
         assert cli.returncode == 0, cli.stderr
         assert json.loads(cli.stdout)["rows"] == [[counts["outcomes"]]]
+    finally:
+        stop_worker(worker)
+    assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+
+def test_a_worker_reads_input_compressed_with_every_codec_kafka_offers(worker_settings, tmp_path):
+    """Services publish with whatever compression.type their producer sets: a quarter of the
+    stream each with gzip, snappy, lz4 and zstd, and every event is counted, none dead-lettered."""
+    settings = worker_settings
+    ensure_topics(settings)
+    for example in ("ranker-conversion.yaml", "checkout-revenue.yaml"):  # the experiments of the simulated traffic
+        publish_config(settings, start(load_config_file(EXAMPLES / example)))
+    messages = simulated_messages(2_000, duplicates=0, malformed=0, n_units=200, seed=13)
+    worker = start_worker(settings, sink=False, log_path=tmp_path / "worker.log")
+    try:
+        wait_healthy(settings, worker)
+        codecs = ("gzip", "snappy", "lz4", "zstd")
+        for i, codec in enumerate(codecs):
+            producer = make_producer(settings, **{"compression.type": codec})
+            for m in messages[i::len(codecs)]:
+                producer.produce(settings.topic(INPUT_TOPICS[m.kind]), key=m.key, value=m.value)
+            assert producer.flush(60) == 0, codec
+        wait_until(lambda: total(scrape(settings), "abstream_events_consumed_total") >= len(messages), 60,
+                   "the worker to consume every event", interval_s=0.5)
+        samples = scrape(settings)
+        assert total(samples, "abstream_events_consumed_total") == len(messages)
+        assert total(samples, "abstream_deadletters_total") == 0
+        assert worker.poll() is None
     finally:
         stop_worker(worker)
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
