@@ -155,6 +155,11 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # p99 of 3-5 s at 10,000 events/s (bench/PROFILE.md). A private attribute of aiokafka,
         # read when the consumer starts.
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        # Faust reads uncommitted records unless it runs exactly-once itself, so a service that
+        # publishes through a transactional producer would have its aborted events counted by
+        # stage 1, while the sink (librdkafka, read_committed by default) leaves them out.
+        # Also private, read when the consumer starts.
+        consumer._isolation_level = "read_committed"
         return consumer
 
 

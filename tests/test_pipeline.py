@@ -178,6 +178,44 @@ def test_a_worker_reads_input_compressed_with_every_codec_kafka_offers(worker_se
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
 
 
+def test_events_of_an_aborted_transaction_are_neither_counted_nor_stored(worker_settings, tmp_path):
+    """A service publishing through a transactional producer: what it aborted is in the log
+    (flushed before the abort) but stage 1 and the sink both read committed records only."""
+    settings = worker_settings
+    ensure_topics(settings)
+    for example in ("ranker-conversion.yaml", "checkout-revenue.yaml"):  # the experiments of the simulated traffic
+        publish_config(settings, start(load_config_file(EXAMPLES / example)))
+    messages = simulated_messages(1_000, duplicates=0, malformed=0, n_units=100, seed=17)
+    aborted, committed = messages[:400], messages[400:]
+    worker = start_worker(settings, sink=True, log_path=tmp_path / "worker.log")
+    try:
+        wait_healthy(settings, worker)
+        producer = make_producer(settings, **{"transactional.id": f"{settings.topic_prefix}router"})
+        producer.init_transactions(30)
+        for part, commit in ((aborted, False), (committed, True)):
+            producer.begin_transaction()
+            for m in part:
+                producer.produce(settings.topic(INPUT_TOPICS[m.kind]), key=m.key, value=m.value)
+            assert producer.flush(60) == 0
+            (producer.commit_transaction if commit else producer.abort_transaction)(30)
+
+        def stored() -> int:
+            return sum(int(n) for [n] in sql(settings, " UNION ALL ".join(
+                f"SELECT count() FROM {{db}}.{t}" for t in RAW_TABLES.values())))
+
+        wait_until(lambda: stored() >= len(committed), 120, "ClickHouse to hold the committed events")
+        wait_until(lambda: total(scrape(settings), "abstream_events_consumed_total") >= len(committed), 60,
+                   "stage 1 to consume the committed events")
+        time.sleep(2)  # anything beyond the expected counts would have had time to land too
+        assert stored() == len(committed)
+        samples = scrape(settings)
+        assert total(samples, "abstream_events_consumed_total") == len(committed)
+        assert total(samples, "abstream_deadletters_total") == 0
+    finally:
+        stop_worker(worker)
+    assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+
 def test_the_sink_role_runs_in_a_process_of_its_own(worker_settings, tmp_path):
     # `abstream sink` holds the embedded ClickHouse; the worker beside it holds no sink role.
     settings = worker_settings
