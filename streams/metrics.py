@@ -25,6 +25,13 @@ EVENTS_IGNORED = Counter(
     "abstream_events_ignored_total",
     "Valid events not counted because their experiment is in draft or stopped, by topic and reason.", ["topic", "reason"]
 )
+UNITS_OFF_PARTITION = Counter(
+    "abstream_units_off_partition_total",
+    "Units (per experiment) new to an input partition that Kafka's default partitioner (murmur2 of unit_id) puts "
+    "on another one, by the topic that brought them: a producer keys or partitions otherwise, and a unit's events "
+    "are split.",
+    ["topic"],
+)
 DEADLETTERS = Counter(
     "abstream_deadletters_total", "Messages sent to the dead-letter topic, by source topic and reason.", ["topic", "reason"]
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from operator import attrgetter
 from dataclasses import dataclass, field
@@ -38,10 +39,14 @@ from streams.columns import ColumnDecoder, DecodedBatch, StringColumn
 from streams.partials import (HOUR_MS, LATENCY_SKETCH, SCORE_BINS, SCORE_DECISION_THRESHOLD, CounterKey, Partial,
                               VariantPartial, outcome_names, terms)
 from streams.settings import Settings
-from streams.topics import TopicError, input_topic_names
+from streams.topics import TopicError, input_topic_names, murmur2_partitions
 from streams.units import FATES, NOT_EXPOSED, EventCode, Round, RowsView, Rules, UnitTable, pack, unpack
 
 log = logging.getLogger("abstream.stage1")
+
+# A producer that keys or partitions wrongly does so for every event: one log line a minute is enough.
+OFF_PARTITION_LOG_EVERY_S = 60.0
+
 # Events of experiments in these states are counted and dropped (str values: the config's
 # status is a str enum, and Stage1 takes any config object).
 _INACTIVE = frozenset({"draft", "stopped"})
@@ -151,6 +156,8 @@ class Stage1:
         self.partitions: dict[int, PartitionState] = {}
         self.dirty: set[tuple[int, str]] = set()
         self._refreshed = False
+        self._input_partitions = settings.partitions
+        self._off_partition_logged = -math.inf
 
     # --- partitions -----------------------------------------------------------------------------
 
@@ -281,8 +288,11 @@ class Stage1:
         touched = sorted({partition for _, partition in fresh})
         first_new = {p: self.partitions[p].table.n for p in touched}
         routed: dict[int, list[_Events]] = {}
+        new_rows: list[tuple[int, str, int, int]] = []
         for kind, (parts, values) in decoded.items():
-            self._route(kind, parts, values, routed, result)
+            self._route(kind, parts, values, routed, result, new_rows)
+        if new_rows:
+            self._check_partitions(new_rows)
         for partition in touched:
             state = self.partitions[partition]
             events = routed.get(partition, [])
@@ -304,10 +314,12 @@ class Stage1:
         return result
 
     def _route(self, kind: EventKind, parts: list[tuple[int, Sequence[InputMessage]]], decoded: DecodedBatch,
-               routed: dict[int, list[_Events]], result: BatchResult) -> None:
+               routed: dict[int, list[_Events]], result: BatchResult,
+               new_rows: list[tuple[int, str, int, int]]) -> None:
         """One topic's messages of every partition, decoded at once: dead-letter the bad ones and
         those of unknown experiments, count those of inactive ones, and route the rest to their
-        partitions' tables (rows created for units seen for the first time)."""
+        partitions' tables (rows created for units seen for the first time, noted in
+        ``new_rows`` as (partition, topic short name, first row, end))."""
         messages = _Concatenated([ms for _, ms in parts])
         partitions = np.repeat(np.array([p for p, _ in parts], dtype=np.int64), [len(ms) for _, ms in parts])
         short = self.short_names[self.topics[kind]]
@@ -340,7 +352,10 @@ class Stage1:
             # are all created here, before a round runs (a round holds on to the columns).
             experiment_codes = np.array([table.experiment_code(e) if status[i] == _ACTIVE else -1
                                          for i, e in enumerate(experiment.values)], dtype=np.int64)
+            first_new_row = table.n
             rows = self._rows(table, experiment_codes, experiment.codes[picked], units, units.codes[picked])
+            if table.n > first_new_row:
+                new_rows.append((partition, short, first_new_row, table.n))
             variants = np.full(picked.size, -1, dtype=np.int64)
             if kind in (EventKind.ASSIGNMENT, EventKind.PREDICTION):
                 named = decoded.strings["variant"]
@@ -355,6 +370,30 @@ class Stage1:
                 tracked = _tracked_columns(table, configs, status, decoded.strings["metric"], experiment.codes[picked],
                                            decoded.strings["metric"].codes[picked])
             routed.setdefault(partition, []).append(_Events(kind, decoded, messages, picked, rows, variants, tracked))
+
+    def _check_partitions(self, new_rows: list[tuple[int, str, int, int]]) -> None:
+        """Count the units new to a partition that Kafka's default partitioner puts elsewhere
+        (one murmur2 pass per batch). A unit's exposure and outcomes meet only on one partition:
+        a producer that keys by something else (a request id) or partitions otherwise
+        (librdkafka's default) splits them, and the split units' outcomes wait for an exposure
+        that never comes."""
+        units = [u for p, _, first, end in new_rows for u in self.partitions[p].table.unit_ids[first:end]]
+        sizes = np.array([end - first for _, _, first, end in new_rows])
+        arrived = np.repeat([p for p, _, _, _ in new_rows], sizes)
+        home = murmur2_partitions(units, self._input_partitions)
+        off = home != arrived
+        if not off.any():
+            return
+        counts = np.add.reduceat(off.astype(np.int64), np.cumsum(sizes) - sizes)  # spans are never empty
+        for (_, short, _, _), n in zip(new_rows, counts.tolist()):
+            if n:
+                metrics.UNITS_OFF_PARTITION.labels(short).inc(n)
+        if time.monotonic() - self._off_partition_logged > OFF_PARTITION_LOG_EVERY_S:
+            self._off_partition_logged = time.monotonic()
+            i = int(np.flatnonzero(off)[0])
+            log.warning("%d unit(s) new to this batch's partitions belong to other partitions, unit %r arrived on "
+                        "%d and belongs to %d (key events by unit_id, partitioner=murmur2_random); their events are "
+                        "counted where they arrive", int(off.sum()), units[i][:80], int(arrived[i]), int(home[i]))
 
     @staticmethod
     def _rows(table: UnitTable, experiment_codes: np.ndarray, experiments: np.ndarray, units: StringColumn,

@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
+import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -64,6 +66,47 @@ def producer_config(settings: Settings, **extra: str) -> dict[str, str]:
 
 def make_producer(settings: Settings, **extra: str) -> Producer:
     return Producer(producer_config(settings, **extra))
+
+
+_MURMUR2_SEED, _MURMUR2_M = np.uint32(0x9747B28C), np.uint32(0x5BD1E995)
+
+
+def murmur2_partitions(keys: Sequence[str], partitions: int) -> np.ndarray:
+    """The partition each key (its UTF-8 bytes) goes to under Kafka's default partitioner:
+    ``toPositive(murmur2(key)) % partitions``, as Java's producer, aiokafka and confluent-kafka's
+    ``murmur2_random`` compute it (``Utils.murmur2`` in Kafka's clients), for all keys at once."""
+    encoded = [key.encode() for key in keys]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    # Longest first, so that the keys that still have a 4-byte block j are a prefix of the rows.
+    order = np.argsort(-lengths, kind="stable")
+    lengths = lengths[order]
+    joined = np.frombuffer(b"".join(encoded[i] for i in order.tolist()), dtype=np.uint8)
+    width = 4 * (int(lengths.max(initial=0)) // 4 + 1)  # room for the tail bytes, zeros after them
+    padded = np.zeros((len(encoded), width), dtype=np.uint8)
+    if lengths.size and lengths[0] == lengths[-1]:
+        padded[:, :lengths[0]] = joined.reshape(len(encoded), -1)
+    else:
+        rows = np.repeat(np.arange(len(encoded)), lengths)
+        padded[rows, np.arange(rows.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = joined
+    blocks = padded.view("<u4")
+    m, n_blocks, at = _MURMUR2_M, lengths // 4, np.arange(len(encoded))
+    with np.errstate(over="ignore"):  # 32-bit arithmetic wraps, as Java's int does
+        h = _MURMUR2_SEED ^ lengths.astype(np.uint32)
+        for j in range(int(n_blocks.max(initial=0))):
+            n = int(np.count_nonzero(n_blocks > j))
+            k = blocks[:n, j] * m
+            k = (k ^ (k >> np.uint32(24))) * m
+            h[:n] = (h[:n] * m) ^ k
+        tail, base = lengths % 4, 4 * n_blocks
+        h ^= np.where(tail == 3, padded[at, base + 2].astype(np.uint32) << np.uint32(16), np.uint32(0))
+        h ^= np.where(tail >= 2, padded[at, base + 1].astype(np.uint32) << np.uint32(8), np.uint32(0))
+        h = np.where(tail >= 1, (h ^ padded[at, base].astype(np.uint32)) * m, h)
+        h ^= h >> np.uint32(13)
+        h *= m
+        h ^= h >> np.uint32(15)
+    result = np.empty(len(encoded), dtype=np.int64)
+    result[order] = (h & np.uint32(0x7FFFFFFF)) % np.uint32(partitions)
+    return result
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:

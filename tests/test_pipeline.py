@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -172,6 +173,25 @@ def test_a_worker_reads_input_compressed_with_every_codec_kafka_offers(worker_se
         samples = scrape(settings)
         assert total(samples, "abstream_events_consumed_total") == len(messages)
         assert total(samples, "abstream_deadletters_total") == 0
+        assert total(samples, "abstream_units_off_partition_total") == 0
+
+        # A service on librdkafka's default partitioner (CRC32) puts some units elsewhere than
+        # murmur2 does: each such unit is counted once per experiment, whatever its events.
+        landed: dict[str, int] = {}
+        crc32 = make_producer(settings, partitioner="consistent_random")
+        strays = [r for k, r in simulate_records(300, seed=14) if k is EventKind.ASSIGNMENT]
+        for record in strays + strays:
+            record = {**record, "unit_id": f"crc-{record['unit_id']}"}
+            crc32.produce(settings.topic(INPUT_TOPICS[EventKind.ASSIGNMENT]), key=record["unit_id"].encode(),
+                          value=Codec().encode(EventKind.ASSIGNMENT, record),
+                          on_delivery=lambda err, msg: landed.__setitem__(msg.key().decode(), msg.partition()))
+        assert crc32.flush(60) == 0
+        pairs = {(r["experiment_id"], f"crc-{r['unit_id']}") for r in strays}
+        elsewhere = sum(landed[u] != (murmur2(u.encode()) & 0x7FFFFFFF) % settings.partitions for _, u in pairs)
+        assert 0 < elsewhere < len(pairs)
+        wait_until(lambda: total(scrape(settings), "abstream_events_consumed_total") >= len(messages) + 2 * len(strays),
+                   60, "the worker to consume the strays", interval_s=0.5)
+        assert total(scrape(settings), "abstream_units_off_partition_total", topic="assignments") == elsewhere
         assert worker.poll() is None
     finally:
         stop_worker(worker)

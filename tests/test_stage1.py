@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from aiokafka.partitioner import murmur2
+from prometheus_client import REGISTRY
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -20,7 +22,7 @@ from streams.experiments import ExperimentConfig, start
 from streams.partials import HOUR_MS, LATENCY_SKETCH, SCORE_BINS, Partial
 from streams.settings import Settings
 from streams.stage1 import Stage1, StateUnreadable, group_by_partition
-from streams.topics import INPUT_TOPICS
+from streams.topics import INPUT_TOPICS, murmur2_partitions
 from streams.units import MAX_AWAITING_OUTCOMES, RECENT_EVENT_IDS, UnitTable, pack, unpack
 
 CODEC = Codec()
@@ -483,6 +485,33 @@ def test_a_batch_the_schema_registry_cannot_decode_for_now_changes_nothing_and_f
     assert result.transactions == expected.transactions
     assert partial_of(fold).to_dict() == partial_of(reference).to_dict()
     assert partial_of(fold).fates == {"attributed": 1, "awaiting_exposure": 1}
+
+
+def test_murmur2_partitions_are_kafkas_default_partitioner():
+    rng = np.random.default_rng(5)
+    alphabet = [chr(c) for c in [*range(32, 127), 0xE9, 0x4E2D, 0x1F600]]
+    keys = ["", "a", "ab", "abc", "abcd", *(f"u{i:05d}" for i in range(40))] + [
+        "".join(rng.choice(alphabet, size=int(rng.integers(0, 257)))) for _ in range(500)]
+    for partitions in (1, 6, 12, 50):
+        assert murmur2_partitions(keys, partitions).tolist() == \
+            [(murmur2(k.encode()) & 0x7FFFFFFF) % partitions for k in keys]
+    assert murmur2_partitions([], 6).tolist() == []
+
+
+def test_units_that_murmur2_puts_on_another_partition_are_counted_once_per_experiment():
+    def off(topic="assignments"):
+        return REGISTRY.get_sample_value("abstream_units_off_partition_total", {"topic": topic}) or 0.0
+
+    home = {u: (murmur2(u.encode()) & 0x7FFFFFFF) % SETTINGS.partitions for u in (f"u{i}" for i in range(40))}
+    fold, log = fresh_fold()
+    before = off()
+    log.process([message(EventKind.ASSIGNMENT, i, partition=p, unit_id=u) for i, (u, p) in enumerate(home.items())])
+    assert off() == before
+    elsewhere = [(u, (p + 1) % SETTINGS.partitions) for u, p in list(home.items())[:7]]
+    log.process([message(EventKind.ASSIGNMENT, 100 + i, partition=p, unit_id=u, experiment_id=e)
+                 for e in ("e", "r") for i, (u, p) in enumerate(elsewhere)] +
+                [message(EventKind.OUTCOME, 200 + i, partition=p, unit_id=u) for i, (u, p) in enumerate(elsewhere)])
+    assert off() == before + 14  # 7 units in two experiments; their outcomes add nothing
 
 
 def test_score_bins_are_kept_for_the_first_and_the_latest_hour_only():
