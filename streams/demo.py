@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.codec import Codec, ControlKind, DeadLetter, EventKind, schema_source
+from streams.codec import Codec, ControlKind, DeadLetter, EventKind, SchemaRegistryUnavailable, schema_source
 from streams.settings import Settings
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the simulated day's midnight
@@ -278,12 +278,21 @@ class ControlPlaneLog:
                     if msg.error() is not None or msg.value() is None:
                         continue
                     kind = self.kinds[msg.topic()]
-                    record = codec.decode(kind, msg.value())
-                    if not isinstance(record, DeadLetter):
+                    record = self._decode(codec, kind, msg.value())
+                    if record is not None and not isinstance(record, DeadLetter):
                         with self.lock:
                             self.records[kind].append(record)
         finally:
             consumer.close()
+
+    def _decode(self, codec: Codec, kind: ControlKind, value: bytes) -> dict | DeadLetter | None:
+        """The record, waiting while the schema registry does not answer (None: stopping)."""
+        while True:
+            try:
+                return codec.decode(kind, value)
+            except SchemaRegistryUnavailable:
+                if self._stopping.wait(1.0):
+                    return None
 
     def stop(self) -> None:
         self._stopping.set()

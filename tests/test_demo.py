@@ -199,3 +199,32 @@ def _pids_with(text: str) -> list[int]:
         if text.encode() in blob and state != "Z" and int(entry.name) != os.getpid():
             pids.append(int(entry.name))
     return pids
+
+
+def test_the_live_view_waits_for_a_schema_registry_that_does_not_answer(monkeypatch):
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    from streams.codec import EventKind, RegistryCatalogue
+    from streams.demo import ControlPlaneLog
+    from streams.simulate import simulate_records
+
+    registry = SchemaRegistryClient.new_client({"url": "mock://abstream-demo-outage"})
+    record = next(r for k, r in simulate_records(200, seed=2) if k is EventKind.OUTCOME)
+    payload = Codec(RegistryCatalogue(registry)).encode(EventKind.OUTCOME, record)
+    asked = []
+    ask = registry.get_schema
+
+    def get_schema(schema_id, *args, **kwargs):
+        asked.append(schema_id)
+        if len(asked) <= 2:
+            raise SchemaRegistryError(503, 50301, "registry unavailable")
+        return ask(schema_id, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "get_schema", get_schema)
+    view = ControlPlaneLog(Settings.from_env({}))
+    assert view._decode(Codec(RegistryCatalogue(registry)), EventKind.OUTCOME, payload) == record
+    assert len(asked) == 3
+    asked.clear()
+    view._stopping.set()  # a view stopped during an outage gives up instead of waiting
+    assert view._decode(Codec(RegistryCatalogue(registry)), EventKind.OUTCOME, payload) is None
