@@ -362,12 +362,28 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             latest_decisions.pop(experiment_id, None)
             changed_experiments.discard(experiment_id)
 
+    async def decoded_order(value: bytes):
+        """A kill-switch record, waited for while the schema registry does not answer: a
+        person's kill must not be skipped (nor crash the agent) for an outage."""
+        delay_s = STATE_RETRY_MIN_S
+        while True:
+            try:
+                order = codec.decode(ControlKind.KILLSWITCH, value)
+            except SchemaRegistryUnavailable as exc:
+                metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("orders").set(1)
+                log.warning("%s; the kill-switch record waits %g s", exc, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(STATE_RETRY_MAX_S, 2 * delay_s)
+                continue
+            metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("orders").set(0)
+            return order
+
     @app.agent(control_topics[ControlKind.KILLSWITCH], concurrency=1, name="orders")
     async def orders_agent(stream):
         # A person's kill or resume (stage2.apply_order); stage 2's own records pass unchanged.
         # Co-partitioned with the experiments table: this worker owns the experiment.
         async for event in stream.events():
-            order = codec.decode(ControlKind.KILLSWITCH, event.message.value)
+            order = await decoded_order(event.message.value)
             if isinstance(order, DeadLetter):
                 log.warning("skipped a kill-switch record at offset %d: %s", event.message.offset, order.detail)
                 continue

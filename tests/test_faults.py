@@ -37,7 +37,7 @@ from streams import local_kafka
 from streams.client import EventPublisher
 from streams.codec import Codec, ControlKind, DeadLetter, EventKind, LocalCatalogue
 from streams.decisions import latest_decisions
-from streams.experiments import ExperimentConfig, publish_config, start
+from streams.experiments import ExperimentConfig, order, publish_config, start
 from streams.processes import stop_worker, wait_healthy
 from streams.scenario import ArmTruth, ExperimentScenario, scenario_events
 from streams.settings import Settings
@@ -655,6 +655,8 @@ def test_a_schema_registry_outage_of_20_seconds_holds_events_back_and_loses_none
         feeder = cluster.feed(messages, rate_per_s=len(messages) / 40)
         wait_until(lambda: registry.refused >= 5 and feeder.sent >= 0.2 * len(messages), 60,
                    "the worker and the sink to meet the outage")
+        # A person kills the treatment meanwhile: the order waits for the registry too.
+        order(cluster.settings, configs["fault"], "kill", "treatment", "test: killed during a registry outage")
         fault_ends = time.monotonic() + 20
         while time.monotonic() < fault_ends:  # the fault lasts 20 s by definition
             assert worker.poll() is None, cluster.log("w0")
@@ -663,7 +665,7 @@ def test_a_schema_registry_outage_of_20_seconds_holds_events_back_and_loses_none
         assert consumed(s) == 0, "nothing may be counted before its schema is known"
         assert sum(group_lag(s, f"{s.topic_prefix}worker", input_topics(s)).values()) > 0
         assert not read_all(s, s.topic(DEADLETTER), timeout_s=5), "an outage is not a reason to dead-letter"
-        assert registry_waits(s) == {"stage1": 1.0, "sink": 1.0}
+        assert registry_waits(s) == {"stage1": 1.0, "sink": 1.0, "orders": 1.0}
         registry.refusing = False
         restored_at = feeder.sent
         assert restored_at < len(messages), "the stream must go on past the fault"
@@ -671,7 +673,9 @@ def test_a_schema_registry_outage_of_20_seconds_holds_events_back_and_loses_none
         assert worker.poll() is None
         assert expected.dead, "the stream must hold rejected messages for the next check to mean anything"
         assert result["letters"] == len(expected.dead)
-        assert registry_waits(s) == {"stage1": 0.0, "sink": 0.0}
+        assert registry_waits(s) == {"stage1": 0.0, "sink": 0.0, "orders": 0.0}
+        weights = {v["variant"]: v["weight"] for v in latest_decisions(cluster.settings)["fault"]["variants"]}
+        assert weights["treatment"] == 0, f"the kill published during the outage was lost: {weights}"
     report("schema-registry-outage", started, restored_at=restored_at, of=len(messages), refused=refused, **result)
 
 
