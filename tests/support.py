@@ -205,6 +205,25 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2):
         time.sleep(interval_s)
 
 
+def refuse_schema_lookups(monkeypatch, registry, refuse) -> list[int]:
+    """Make a schema-registry client answer 503, as a registry in an outage does, to
+    ``get_schema(id)`` whenever ``refuse(id, n)`` holds (n: the look-up's number, from 1);
+    returns the list of ids asked for, in order."""
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    asked: list[int] = []
+    ask = registry.get_schema
+
+    def get_schema(schema_id, *args, **kwargs):
+        asked.append(schema_id)
+        if refuse(schema_id, len(asked)):
+            raise SchemaRegistryError(503, 50301, "registry unavailable")
+        return ask(schema_id, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "get_schema", get_schema)
+    return asked
+
+
 class CatalogueRegistry:
     """A schema registry for fault tests: the two calls of the Confluent REST API that abstream
     makes (register a schema under a subject; read a schema by id), answered over real HTTP

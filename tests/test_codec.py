@@ -7,7 +7,6 @@ import time
 
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
@@ -15,6 +14,7 @@ import streams.codec as codec_module
 from streams.codec import (Codec, DeadLetter, DeadLetterReason, EventKind, LocalCatalogue, RegistryCatalogue,
                            SchemaRegistryUnavailable, schema_source)
 from streams.simulate import simulate_records
+from tests.support import refuse_schema_lookups
 
 RECORDS = {kind: next(r for k, r in simulate_records(200, seed=3) if k is kind) for kind in EventKind}
 
@@ -67,16 +67,7 @@ def test_an_id_the_registry_does_not_know_is_asked_about_once_in_a_while(monkeyp
 def test_a_registry_that_cannot_answer_is_an_error_to_wait_on_not_a_dead_letter(monkeypatch):
     registry = SchemaRegistryClient.new_client({"url": "mock://abstream-codec-outage"})
     payload = Codec(RegistryCatalogue(registry)).encode(EventKind.OUTCOME, RECORDS[EventKind.OUTCOME])
-    asked = []
-    ask = registry.get_schema
-
-    def get_schema(schema_id, *args, **kwargs):
-        asked.append(schema_id)
-        if len(asked) <= 3:
-            raise SchemaRegistryError(503, 50301, "registry unavailable")
-        return ask(schema_id, *args, **kwargs)
-
-    monkeypatch.setattr(registry, "get_schema", get_schema)
+    asked = refuse_schema_lookups(monkeypatch, registry, lambda _, n: n <= 3)
     codec = Codec(RegistryCatalogue(registry))
     for _ in range(3):  # asked every time: an outage is not an answer to remember
         with pytest.raises(SchemaRegistryUnavailable, match="503"):

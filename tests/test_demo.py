@@ -18,7 +18,7 @@ import pytest
 from streams.codec import Codec, ControlKind
 from streams.settings import Settings
 from streams.topics import ALERTS, ALLOCATIONS, DECISIONS, KILLSWITCH
-from tests.support import free_port, read_all
+from tests.support import free_port, read_all, refuse_schema_lookups
 
 pytestmark = pytest.mark.kafka
 CODEC = Codec()
@@ -203,7 +203,6 @@ def _pids_with(text: str) -> list[int]:
 
 def test_the_live_view_waits_for_a_schema_registry_that_does_not_answer(monkeypatch):
     from confluent_kafka.schema_registry import SchemaRegistryClient
-    from confluent_kafka.schema_registry.error import SchemaRegistryError
 
     from streams.codec import EventKind, RegistryCatalogue
     from streams.demo import ControlPlaneLog
@@ -212,16 +211,7 @@ def test_the_live_view_waits_for_a_schema_registry_that_does_not_answer(monkeypa
     registry = SchemaRegistryClient.new_client({"url": "mock://abstream-demo-outage"})
     record = next(r for k, r in simulate_records(200, seed=2) if k is EventKind.OUTCOME)
     payload = Codec(RegistryCatalogue(registry)).encode(EventKind.OUTCOME, record)
-    asked = []
-    ask = registry.get_schema
-
-    def get_schema(schema_id, *args, **kwargs):
-        asked.append(schema_id)
-        if len(asked) <= 2:
-            raise SchemaRegistryError(503, 50301, "registry unavailable")
-        return ask(schema_id, *args, **kwargs)
-
-    monkeypatch.setattr(registry, "get_schema", get_schema)
+    asked = refuse_schema_lookups(monkeypatch, registry, lambda _, n: n <= 2)
     view = ControlPlaneLog(Settings.from_env({}))
     assert view._decode(Codec(RegistryCatalogue(registry)), EventKind.OUTCOME, payload) == record
     assert len(asked) == 3

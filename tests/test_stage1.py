@@ -15,7 +15,6 @@ from prometheus_client import REGISTRY
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from streams.codec import Codec, DeadLetterReason, EventKind, RegistryCatalogue, SchemaRegistryUnavailable
 from streams.experiments import ExperimentConfig, start
@@ -24,6 +23,7 @@ from streams.settings import Settings
 from streams.stage1 import Stage1, StateUnreadable, group_by_partition
 from streams.topics import INPUT_TOPICS, murmur2_partitions
 from streams.units import MAX_AWAITING_OUTCOMES, RECENT_EVENT_IDS, UnitTable, pack, unpack
+from tests.support import refuse_schema_lookups
 
 CODEC = Codec()
 SETTINGS = Settings.from_env({})
@@ -464,22 +464,15 @@ def test_a_batch_the_schema_registry_cannot_decode_for_now_changes_nothing_and_f
     reference.load(0, [], from_start=True)
     expected = reference.process(batch)
 
-    down = True
-    ask = registry.get_schema
-
-    def get_schema(schema_id, *args, **kwargs):
-        if down and schema_id == outcome_id:
-            raise SchemaRegistryError(503, 50301, "registry unavailable")
-        return ask(schema_id, *args, **kwargs)
-
-    monkeypatch.setattr(registry, "get_schema", get_schema)
+    outage = {"down": True}
+    refuse_schema_lookups(monkeypatch, registry, lambda schema_id, _: outage["down"] and schema_id == outcome_id)
     fold = Stage1(SETTINGS, Codec(RegistryCatalogue(registry)), Experiments())
     fold.load(0, [], from_start=True)
     for _ in range(2):
         with pytest.raises(SchemaRegistryUnavailable, match=f"schema id {outcome_id}"):
             fold.process(batch)
         assert fold.partitions[0].table.n == 0 and fold.partitions[0].positions == {} and not fold.take_dirty()
-    down = False
+    outage["down"] = False
     result = fold.process(batch)
     assert not result.dead and not expected.dead
     assert result.transactions == expected.transactions
