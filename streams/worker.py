@@ -52,12 +52,19 @@ log = logging.getLogger("abstream.worker")
 # Partials are published after a batch at most this often; stage 2 collects them for this long.
 PARTIALS_GAP_S = 0.1
 STAGE2_WITHIN_S = 0.05
-# A batch whose state Kafka refused is read again after this wait, doubled on each refusal in a row.
+# A batch Kafka refused the state of (or the schema registry could not decode) is read again
+# after this wait, doubled on each failure in a row.
 STATE_RETRY_MIN_S, STATE_RETRY_MAX_S = 0.25, 5.0
 # A partition whose state log cannot be applied is tried again after this long (it reads the log).
 STATE_UNREADABLE_RETRY_S = 60.0
 # Allocations (net of deallocations) between young collections; Python's default is 700.
 GC_YOUNG_THRESHOLD = 50_000
+
+
+def longer_wait(delay_s: float) -> float:
+    """The wait after one more failure in a row (a refused state, a registry that does not
+    answer): STATE_RETRY_MIN_S, doubled each time up to STATE_RETRY_MAX_S."""
+    return min(STATE_RETRY_MAX_S, max(STATE_RETRY_MIN_S, 2 * delay_s))
 
 
 def write_table(table: faust.Table, partition: int, key: Any, value: Any) -> None:
@@ -135,7 +142,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     # and the log position of partitions it held before a rebalance (to continue from there).
     claimed: set[int] = set()
     held_tips: dict[int, int] = {}
-    retry_delay_s = 0.0  # the wait before a batch whose state was refused is read again
+    retry_delay_s = 0.0  # the wait before a batch that could not be done is read again
     # Per input (topic, partition) whose batch state was refused: the offset after the last
     # message dead-lettered from it. The batch is read again, and its letters are not re-sent.
     lettered: dict[tuple[str, int], int] = {}
@@ -248,7 +255,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             # Nothing of the batch was judged or counted: it is read again once the registry
             # answers, rather than its events dead-lettered for a schema nobody could look up.
             metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("stage1").set(1)
-            retry_delay_s = min(STATE_RETRY_MAX_S, max(STATE_RETRY_MIN_S, 2 * retry_delay_s))
+            retry_delay_s = longer_wait(retry_delay_s)
             log.warning("%s; the batch waits and is read again in %g s", exc, retry_delay_s)
             await asyncio.sleep(retry_delay_s)
             return set(batch) | {(topic, partition) for topic in input_names for partition in not_claimed}
@@ -281,7 +288,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         if unwritten:
             # Kafka refuses the state (or another worker took the partition over): read it again
             # after a while, not at once and in a loop.
-            retry_delay_s = min(STATE_RETRY_MAX_S, max(STATE_RETRY_MIN_S, 2 * retry_delay_s))
+            retry_delay_s = longer_wait(retry_delay_s)
             await asyncio.sleep(retry_delay_s)
         else:
             retry_delay_s = 0.0
@@ -365,15 +372,15 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     async def decoded_order(value: bytes):
         """A kill-switch record, waited for while the schema registry does not answer: a
         person's kill must not be skipped (nor crash the agent) for an outage."""
-        delay_s = STATE_RETRY_MIN_S
+        delay_s = 0.0
         while True:
             try:
                 order = codec.decode(ControlKind.KILLSWITCH, value)
             except SchemaRegistryUnavailable as exc:
                 metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("orders").set(1)
+                delay_s = longer_wait(delay_s)
                 log.warning("%s; the kill-switch record waits %g s", exc, delay_s)
                 await asyncio.sleep(delay_s)
-                delay_s = min(STATE_RETRY_MAX_S, 2 * delay_s)
                 continue
             metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("orders").set(0)
             return order
