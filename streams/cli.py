@@ -567,14 +567,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streams.alerts_bridge import BridgeError
     from streams.warehouse import WarehouseError
     from streams.sink import SinkServiceError
-    from streams.codec import SchemaRegistryUnavailable
+    from streams.codec import SchemaRegistryUnavailable, SchemaRejected
 
     try:
         if args.command == "simulate" and args.duplicates + args.malformed > args.events:
             raise CommandError("--duplicates plus --malformed cannot exceed --events")
         return args.func(args)
     except (CommandError, ConfigError, SettingsError, LocalKafkaError, TopicError, WarehouseError, BridgeError,
-            SinkServiceError, SchemaRegistryUnavailable) as exc:
+            SinkServiceError, SchemaRegistryUnavailable, SchemaRejected) as exc:
         print(f"abstream: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ import math
 import re
 import struct
 import time
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -89,7 +90,14 @@ class UnknownSchemaId(LookupError):
 class SchemaRegistryUnavailable(RuntimeError):
     """The schema registry gave no answer about an id (down, timed out, refused, an error of
     its own): whether the id exists is not known, so what carries it must wait, not be
-    dead-lettered. :meth:`Codec.decode` raises it rather than return a dead letter."""
+    dead-lettered. :meth:`Codec.decode` raises it rather than return a dead letter, and
+    :meth:`Codec.encode` when it could not register the schema to write with."""
+
+
+class SchemaRejected(ValueError):
+    """The schema registry answered that it will not register abstream's schema of a kind
+    (incompatible with the subject's versions, invalid, not allowed): waiting does not help,
+    a person must look at the subject or the registry's compatibility setting."""
 
 
 @dataclass(frozen=True)
@@ -210,7 +218,21 @@ class RegistryCatalogue:
             from confluent_kafka.schema_registry import Schema
 
             text = self._local.schema_json(kind)
-            self._ids[kind] = self._client.register_schema(_record_name(json.loads(text)), Schema(text, "AVRO"))
+            subject = _record_name(json.loads(text))
+            try:
+                schema_id = self._client.register_schema(subject, Schema(text, "AVRO"))
+            except Exception as exc:  # the registry client raises its own error types, and httpx's
+                status = getattr(exc, "http_status_code", None)
+                said = f"{type(exc).__name__}: {exc}"[:300]
+                if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+                    raise SchemaRejected(f"the schema registry refused abstream's {kind.value} schema "
+                                         f"under subject {subject}: {said}") from None
+                raise SchemaRegistryUnavailable(f"the schema registry did not register abstream's {kind.value} "
+                                                f"schema: {said}") from None
+            # The registry gave this id to the text just sent: writing needs no look-up of it.
+            local = self._local.writer(self._local.id_for(kind))
+            self._by_id.setdefault(schema_id, WriterSchema(schema_id, kind, local.parsed))
+            self._ids[kind] = schema_id
         return self._ids[kind]
 
 
@@ -358,7 +380,10 @@ def schema_source(registry_url: str = "") -> SchemaSource:
     """The registry at ``registry_url`` when one is configured, else the local catalogue."""
     if not registry_url:
         return LocalCatalogue()
-    from confluent_kafka.schema_registry import SchemaRegistryClient
+    # authlib, under the registry client, warns of its own modules on import with a filter of
+    # its own set to "always"; a recorded warning is not printed, whatever the filters say.
+    with warnings.catch_warnings(record=True):
+        from confluent_kafka.schema_registry import SchemaRegistryClient
 
     # new_client also accepts mock:// URLs (an in-process registry, for tests and trials). The
     # client waits for ever by default; a worker asks while its event loop waits, so a registry

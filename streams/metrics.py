@@ -141,7 +141,8 @@ STATE_UNREADABLE = Gauge(
 )
 SCHEMA_REGISTRY_UNAVAILABLE = Gauge(
     "abstream_schema_registry_unavailable",
-    "1 while the schema registry cannot say what a schema id of the input is (those messages wait, unprocessed).",
+    "1 while the schema registry cannot say what a schema id of the input is, or register the schema of what "
+    "stage 2 writes (role decisions): what needs it waits, unprocessed.",
     ["role"],
 )
 SINK_LAST_WRITE = Gauge("abstream_sink_last_write_timestamp_seconds", "Unix time of the sink's last successful write.")

@@ -35,7 +35,8 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import fetch, metrics
-from streams.codec import Codec, ControlKind, DeadLetter, SchemaRegistryUnavailable, schema_source
+from streams.codec import (Codec, ControlKind, DeadLetter, SchemaRegistryUnavailable, SchemaRejected,
+                           schema_source)
 from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
@@ -153,6 +154,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     latest_decisions: dict[str, dict] = {}
     last_published = 0.0
     settled_generation: int | None = None
+    # After a look the schema registry could not register a schema for: the wait, and until when.
+    registry_delay_s, registry_retry_at = 0.0, 0.0
     partials_name = partials_topic.get_topic_name()
     # Held from a batch's fold until its writes are in Kafka: the timer must not publish
     # partials that include unit states not yet written.
@@ -425,11 +428,13 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     async def evaluate_due() -> None:
         """Evaluate each changed experiment whose last decision is decision_interval_s old.
         Called by stage 2 when partials arrive and by the timer for what became due since."""
+        nonlocal registry_delay_s, registry_retry_at
         owned = owned_experiment_partitions()
-        if evaluating.locked() or owned is None:
+        if evaluating.locked() or owned is None or time.monotonic() < registry_retry_at:
             return  # the pass running now, or the next tick after the rebalance, takes what is left
         async with evaluating:
             now = time.monotonic()
+            looked, registry_failed = 0, False
             for experiment_id in sorted(changed_experiments):
                 if now - last_evaluated.get(experiment_id, 0.0) < settings.decision_interval_s:
                     continue
@@ -439,11 +444,30 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 stored = experiment_partials.data.get(experiment_id)
                 if config is None or stored is None or stored["partition"] not in owned:
                     continue
+                looked += 1
                 try:
                     await evaluate_experiment(config, stored)
+                except SchemaRegistryUnavailable as exc:
+                    # Nothing of the look went out (evaluate_experiment encodes first). It is
+                    # taken again later: no new event may come to prompt it. The others wait
+                    # too rather than each hold the event loop for the registry's timeout.
+                    registry_failed = True
+                    changed_experiments.add(experiment_id)
+                    registry_delay_s = longer_wait(registry_delay_s)
+                    registry_retry_at = time.monotonic() + registry_delay_s
+                    log.warning("experiment %s not evaluated, tried again in %g s: %s", experiment_id,
+                                registry_delay_s, exc)
+                    break
+                except SchemaRejected as exc:
+                    metrics.EVALUATION_ERRORS.labels(experiment_id).inc()
+                    log.error("experiment %s not evaluated: %s", experiment_id, exc)
                 except Exception:  # one experiment's failure must not stop the others or the worker
                     metrics.EVALUATION_ERRORS.labels(experiment_id).inc()
                     log.exception("evaluating experiment %s failed", experiment_id)
+            if looked:
+                metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("decisions").set(1 if registry_failed else 0)
+                if not registry_failed:
+                    registry_delay_s = 0.0
 
     def stage1_lag() -> int:
         """Messages of the assigned input partitions beyond what stage 1 processed (partitions
@@ -462,10 +486,16 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         partial = merged_partial(stored)
         state = ControlState.from_dict(stored["control"])
         new_state, actions = control(config, partial, state, now_ms)
-        for kind, records in ((ControlKind.ALERT, actions.alerts), (ControlKind.KILLSWITCH, actions.killswitches),
-                              (ControlKind.ALLOCATION, actions.allocations)):
-            for record in records:
-                await control_topics[kind].send(key=key, value=codec.encode(kind, record))
+        record = decision_record(config, evaluate(config, partial, new_state.weights), partial, now_ms, new_state.weights)
+        # Everything is encoded before anything is sent or written: the first record of each
+        # kind after a start registers its schema, and a registry that cannot answer then
+        # leaves the whole look to be taken again, not half of its records out.
+        controls = [(kind, codec.encode(kind, r)) for kind, records in (
+            (ControlKind.ALERT, actions.alerts), (ControlKind.KILLSWITCH, actions.killswitches),
+            (ControlKind.ALLOCATION, actions.allocations)) for r in records]
+        decision = codec.encode(ControlKind.DECISION, record)
+        for kind, value in controls:
+            await control_topics[kind].send(key=key, value=value)
         for alert in actions.alerts:
             if alert["state"] == "firing":
                 metrics.ALERTS.labels(config.experiment_id, alert["guardrail"], alert["severity"]).inc()
@@ -491,10 +521,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             current = experiment_partials.data.get(config.experiment_id) or stored
             write_table(experiment_partials, current["partition"], config.experiment_id,
                         {**current, "control": new_state.to_dict()})
-        record = decision_record(config, evaluate(config, partial, new_state.weights), partial, now_ms, new_state.weights)
         latest_decisions[config.experiment_id] = record
         metrics.observe_decision(record, config.control)
-        await decisions_topic.send(key=key, value=codec.encode(ControlKind.DECISION, record))
+        await decisions_topic.send(key=key, value=decision)
 
     @app.timer(interval=max(settings.decision_interval_s, 10.0))
     async def retention():

@@ -229,7 +229,8 @@ class CatalogueRegistry:
     makes (register a schema under a subject; read a schema by id), answered over real HTTP
     from schemas/catalogue.json, so that its ids are the local catalogue's and a stream
     written without a registry reads the same through it. While ``refusing`` is set it answers
-    look-ups by id with 503, as a registry in an outage does; ``refused`` counts those."""
+    look-ups by id with 503, as a registry in an outage does; ``refused`` counts those; and
+    ``refusing_registrations`` and ``registrations_refused`` do the same for registrations."""
 
     def __init__(self) -> None:
         import json
@@ -243,6 +244,8 @@ class CatalogueRegistry:
         ids = {json.dumps(json.loads(text), sort_keys=True): schema_id for schema_id, text in texts.items()}
         self.refusing = False
         self.refused = 0
+        self.refusing_registrations = False
+        self.registrations_refused = 0
         self.lookups = 0
         registry = self
 
@@ -274,6 +277,9 @@ class CatalogueRegistry:
                 schema_id = ids.get(json.dumps(json.loads(body.get("schema", "{}")), sort_keys=True))
                 if len(parts) != 3 or parts[0] != "subjects" or parts[2] != "versions" or schema_id is None:
                     return self._answer(422, {"error_code": 42201, "message": "not a schema of schemas/catalogue.json"})
+                if registry.refusing_registrations:
+                    registry.registrations_refused += 1
+                    return self._answer(503, {"error_code": 50301, "message": "registry unavailable (test outage)"})
                 return self._answer(200, {"id": schema_id})
 
             def log_message(self, *args):  # keep the test output quiet

@@ -86,3 +86,12 @@ def test_sink_on_a_taken_port_is_one_line_and_exit_1(settings, tmp_path):
         env = {**settings.to_env(), "ABSTREAM_HOME": str(tmp_path), "ABSTREAM_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'ch'}"}
         result = run("sink", "--web-port", str(taken.getsockname()[1]), env=env)
     assert_one_line_error(result, 1, "cannot serve on 127.0.0.1")
+
+
+def test_a_schema_registry_nobody_answers_is_one_line_and_exit_1(settings):
+    from tests.support import free_port
+
+    env = {**settings.to_env(), "ABSTREAM_SCHEMA_REGISTRY_URL": f"http://127.0.0.1:{free_port()}"}
+    config = Path(__file__).parent.parent / "examples" / "experiments" / "checkout-revenue.yaml"
+    result = run("experiment", "create", str(config), env=env)
+    assert_one_line_error(result, 1, "the schema registry did not register abstream's experiment_config schema")

@@ -12,7 +12,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 import streams.codec as codec_module
 from streams.codec import (Codec, DeadLetter, DeadLetterReason, EventKind, LocalCatalogue, RegistryCatalogue,
-                           SchemaRegistryUnavailable, schema_source)
+                           SchemaRegistryUnavailable, SchemaRejected, schema_source)
 from streams.simulate import simulate_records
 from tests.support import refuse_schema_lookups
 
@@ -77,6 +77,34 @@ def test_a_registry_that_cannot_answer_is_an_error_to_wait_on_not_a_dead_letter(
     # A registry nobody listens for is the same.
     with pytest.raises(SchemaRegistryUnavailable, match="ConnectError"):
         Codec(schema_source("http://127.0.0.1:9")).decode(EventKind.OUTCOME, payload)
+
+
+
+def test_a_schema_the_registry_cannot_register_is_waited_on_and_one_it_refuses_is_an_error(monkeypatch):
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    registry = SchemaRegistryClient.new_client({"url": "mock://abstream-codec-register-outage"})
+    answers = [SchemaRegistryError(503, 50301, "registry unavailable"), SchemaRegistryError(409, 409, "incompatible")]
+    register = registry.register_schema
+
+    def register_schema(subject, schema, *args, **kwargs):
+        if answers:
+            raise answers.pop(0)
+        return register(subject, schema, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "register_schema", register_schema)
+    asked = refuse_schema_lookups(monkeypatch, registry, lambda *_: True)
+    codec = Codec(RegistryCatalogue(registry))
+    record = RECORDS[EventKind.PREDICTION]
+    with pytest.raises(SchemaRegistryUnavailable, match="503"):
+        codec.encode(EventKind.PREDICTION, record)
+    with pytest.raises(SchemaRejected, match="409.*incompatible|incompatible"):
+        codec.encode(EventKind.PREDICTION, record)
+    payload = codec.encode(EventKind.PREDICTION, record)
+    assert codec.decode(EventKind.PREDICTION, payload) == record
+    assert asked == [], "the id the registry just gave for abstream's own schema needs no look-up"
+    with pytest.raises(SchemaRegistryUnavailable, match="ConnectError"):
+        Codec(schema_source("http://127.0.0.1:9")).encode(EventKind.PREDICTION, record)
 
 
 def _reason(kind, payload):

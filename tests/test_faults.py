@@ -43,7 +43,7 @@ from streams.scenario import ArmTruth, ExperimentScenario, scenario_events
 from streams.settings import Settings
 from streams.state_log import StateLog
 from streams.simulate import malformed_payloads
-from streams.topics import DEADLETTER, INPUT_TOPICS, STAGE1_STATE, ensure_topics, make_producer
+from streams.topics import ALERTS, DEADLETTER, INPUT_TOPICS, KILLSWITCH, STAGE1_STATE, ensure_topics, make_producer
 from streams.warehouse import RAW_TABLES
 from tests.support import (CatalogueRegistry, clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings,
                            partition_lag, read_all, rss_bytes, start_worker_process, wait_until)
@@ -673,10 +673,52 @@ def test_a_schema_registry_outage_of_20_seconds_holds_events_back_and_loses_none
         assert worker.poll() is None
         assert expected.dead, "the stream must hold rejected messages for the next check to mean anything"
         assert result["letters"] == len(expected.dead)
-        assert registry_waits(s) == {"stage1": 0.0, "sink": 0.0, "orders": 0.0}
+        assert registry_waits(s) == {"stage1": 0.0, "sink": 0.0, "orders": 0.0, "decisions": 0.0}
         weights = {v["variant"]: v["weight"] for v in latest_decisions(cluster.settings)["fault"]["variants"]}
         assert weights["treatment"] == 0, f"the kill published during the outage was lost: {weights}"
     report("schema-registry-outage", started, restored_at=restored_at, of=len(messages), refused=refused, **result)
+
+
+
+def test_a_registry_that_cannot_register_what_stage_2_writes_delays_the_decision_and_loses_none(cluster):
+    """The worker reads the stream through a registry that answers look-ups but cannot
+    register the schemas of what stage 2 writes (decisions, alerts, kill switches), as after a
+    worker restart during an outage: no decision or control record goes out half-written, the
+    worker says so in one line and a gauge, and once the registry answers the decision comes,
+    exact, with no new event to prompt it."""
+    started = time.monotonic()
+    messages, configs = fault_stream(seed=13)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    with CatalogueRegistry() as registry:
+        registry.refusing_registrations = True
+        worker = cluster.start("w0", sink=False, env={"ABSTREAM_SCHEMA_REGISTRY_URL": registry.url})
+        s = cluster.worker_settings["w0"]
+        feeder = cluster.feed(messages, rate_per_s=len(messages) / 10)
+        feeder.finish()
+        inputs = input_topics(s)
+        wait_until(lambda: not any(group_lag(s, f"{s.topic_prefix}worker", inputs).values()), 90,
+                   "stage 1 to count the whole stream")
+        wait_until(lambda: registry.registrations_refused >= 3, 60, "the worker to try its first decision again")
+        assert worker.poll() is None, cluster.log("w0")
+        assert "fault" not in latest_decisions(s), "a decision was published without a registered schema"
+        for topic in (ALERTS, KILLSWITCH):
+            assert not read_all(s, s.topic(topic), timeout_s=2), f"{topic} got a record without a registered schema"
+        assert registry_waits(s).get("decisions") == 1.0
+        refused = registry.registrations_refused
+        registry.refusing_registrations = False
+        state: dict = {}
+
+        def decided() -> bool:
+            state["decision"] = decision_view(latest_decisions(s).get("fault"))
+            return state["decision"] == expected_view(expected, "fault")
+
+        wait_until(decided, 60, "the decision once the registry registers its schema")
+        assert registry_waits(s).get("decisions") == 0.0
+        log_text = (cluster.tmp / "w0.log").read_text(errors="replace")
+        assert "experiment fault not evaluated, tried again in" in log_text, log_text[-4000:]
+        assert "Traceback" not in log_text, log_text[-4000:]
+    report("schema-registry-refuses-registration", started, refused=refused)
 
 
 def corrupt_state_log(settings: Settings, partition: int) -> None:
