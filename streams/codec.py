@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import fastavro
 
@@ -92,6 +92,18 @@ class SchemaRegistryUnavailable(RuntimeError):
     its own): whether the id exists is not known, so what carries it must wait, not be
     dead-lettered. :meth:`Codec.decode` raises it rather than return a dead letter, and
     :meth:`Codec.encode` when it could not register the schema to write with."""
+
+
+class SchemaLookupNeeded(LookupError):
+    """What a catalogue that does not ask the registry inline (a worker's) has not cached: a
+    schema id to look up, or a kind whose schema to register. The caller has the catalogue
+    ask (``RegistryCatalogue.ask``) off its event loop and tries again."""
+
+    def __init__(self, *, schema_id: int | None = None, kind: Kind | None = None):
+        super().__init__(f"schema id {schema_id} not looked up yet" if kind is None
+                         else f"the {kind.value} schema not registered yet")
+        self.schema_id = schema_id
+        self.kind = kind
 
 
 class SchemaRejected(ValueError):
@@ -179,11 +191,16 @@ class RegistryCatalogue:
 
     Writing registers the local schema of a kind under the subject ``abstream.events.<Record>``
     (record-name strategy, so one subject serves every topic prefix).
+
+    With ``ask_inline`` False the catalogue never waits for the registry itself: what it has not
+    cached raises :class:`SchemaLookupNeeded`, and the caller has :meth:`ask` answer it off its
+    event loop, then tries again (a worker's loop must not stand still for a registry's timeout).
     """
 
-    def __init__(self, client: Any, local: LocalCatalogue | None = None):
+    def __init__(self, client: Any, local: LocalCatalogue | None = None, *, ask_inline: bool = True):
         self._client = client
         self._local = local or LocalCatalogue()
+        self._ask_inline = ask_inline
         self._by_id: dict[int, WriterSchema] = {}
         self._ids: dict[Kind, int] = {}
         self._missing: dict[int, tuple[float, str]] = {}  # schema id -> (when the registry said so, what)
@@ -195,45 +212,68 @@ class RegistryCatalogue:
         missing = self._missing.get(schema_id)
         if missing is not None and time.monotonic() - missing[0] < MISSING_SCHEMA_RECHECK_S:
             raise UnknownSchemaId(missing[1])
+        if not self._ask_inline:
+            raise SchemaLookupNeeded(schema_id=schema_id)
+        return self._look_up(schema_id)
+
+    def id_for(self, kind: Kind) -> int:
+        if kind not in self._ids:
+            if not self._ask_inline:
+                raise SchemaLookupNeeded(kind=kind)
+            self._register(kind)
+        return self._ids[kind]
+
+    def ask(self, need: SchemaLookupNeeded) -> None:
+        """Ask the registry what ``need`` names and keep the answer (blocking: off the event
+        loop). Raises SchemaRegistryUnavailable or SchemaRejected, as writing and reading do."""
+        if need.kind is not None:
+            self._register(need.kind)
+            return
+        try:
+            self._look_up(need.schema_id)
+        except UnknownSchemaId:
+            pass  # an answer, kept: the caller's next try dead-letters what carries the id
+
+    def _look_up(self, schema_id: int) -> WriterSchema:
         try:
             schema = self._client.get_schema(schema_id)
         except Exception as exc:  # the registry client raises its own error types
             if getattr(exc, "http_status_code", None) != 404:
                 raise SchemaRegistryUnavailable(f"the schema registry did not say what schema id {schema_id} is: "
                                                 f"{type(exc).__name__}: {exc}"[:300]) from None
-            detail = f"schema id {schema_id} is not in the registry: {exc}"
-            if len(self._missing) >= 10_000:
-                self._missing.clear()  # hostile ids must not grow it without bound
-            self._missing[schema_id] = (time.monotonic(), detail)  # an answer: it holds a while
-            raise UnknownSchemaId(detail) from None
+            self._unknown(schema_id, f"schema id {schema_id} is not in the registry: {exc}")
         try:
             kind, parsed = parse_schema(schema.schema_str, self._local.kind_by_record)
         except (UnknownSchemaId, ValueError, KeyError) as exc:
-            raise UnknownSchemaId(f"schema id {schema_id} in the registry is not usable: {exc}") from None
+            self._unknown(schema_id, f"schema id {schema_id} in the registry is not usable: {exc}")
         self._by_id[schema_id] = found = WriterSchema(schema_id, kind, parsed)
         return found
 
-    def id_for(self, kind: Kind) -> int:
-        if kind not in self._ids:
-            from confluent_kafka.schema_registry import Schema
+    def _unknown(self, schema_id: int, detail: str) -> NoReturn:
+        if len(self._missing) >= 10_000:
+            self._missing.clear()  # hostile ids must not grow it without bound
+        self._missing[schema_id] = (time.monotonic(), detail)  # an answer: it holds a while
+        raise UnknownSchemaId(detail)
 
-            text = self._local.schema_json(kind)
-            subject = _record_name(json.loads(text))
-            try:
-                schema_id = self._client.register_schema(subject, Schema(text, "AVRO"))
-            except Exception as exc:  # the registry client raises its own error types, and httpx's
-                status = getattr(exc, "http_status_code", None)
-                said = f"{type(exc).__name__}: {exc}"[:300]
-                if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
-                    raise SchemaRejected(f"the schema registry refused abstream's {kind.value} schema "
-                                         f"under subject {subject}: {said}") from None
-                raise SchemaRegistryUnavailable(f"the schema registry did not register abstream's {kind.value} "
-                                                f"schema: {said}") from None
-            # The registry gave this id to the text just sent: writing needs no look-up of it.
-            local = self._local.writer(self._local.id_for(kind))
-            self._by_id.setdefault(schema_id, WriterSchema(schema_id, kind, local.parsed))
-            self._ids[kind] = schema_id
-        return self._ids[kind]
+    def _register(self, kind: Kind) -> None:
+        from confluent_kafka.schema_registry import Schema
+
+        text = self._local.schema_json(kind)
+        subject = _record_name(json.loads(text))
+        try:
+            schema_id = self._client.register_schema(subject, Schema(text, "AVRO"))
+        except Exception as exc:  # the registry client raises its own error types, and httpx's
+            status = getattr(exc, "http_status_code", None)
+            said = f"{type(exc).__name__}: {exc}"[:300]
+            if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+                raise SchemaRejected(f"the schema registry refused abstream's {kind.value} schema "
+                                     f"under subject {subject}: {said}") from None
+            raise SchemaRegistryUnavailable(f"the schema registry did not register abstream's {kind.value} "
+                                            f"schema: {said}") from None
+        # The registry gave this id to the text just sent: writing needs no look-up of it.
+        local = self._local.writer(self._local.id_for(kind))
+        self._by_id.setdefault(schema_id, WriterSchema(schema_id, kind, local.parsed))
+        self._ids[kind] = schema_id
 
 
 class Codec:
@@ -376,8 +416,9 @@ def validate(kind: EventKind, record: dict, *, size: int | None = None) -> str |
     return None
 
 
-def schema_source(registry_url: str = "") -> SchemaSource:
-    """The registry at ``registry_url`` when one is configured, else the local catalogue."""
+def schema_source(registry_url: str = "", *, ask_inline: bool = True) -> SchemaSource:
+    """The registry at ``registry_url`` when one is configured, else the local catalogue
+    (``ask_inline``: see RegistryCatalogue)."""
     if not registry_url:
         return LocalCatalogue()
     # authlib, under the registry client, warns of its own modules on import with a filter of
@@ -386,7 +427,8 @@ def schema_source(registry_url: str = "") -> SchemaSource:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
     # new_client also accepts mock:// URLs (an in-process registry, for tests and trials). The
-    # client waits for ever by default; a worker asks while its event loop waits, so a registry
-    # that hangs costs a bounded pause, and the batch is tried again later.
+    # client waits for ever by default: a registry that hangs would hold what waits for its
+    # answer (a batch, a record) without end rather than until it is tried again.
     return RegistryCatalogue(SchemaRegistryClient.new_client({
-        "url": registry_url, "timeout": REGISTRY_TIMEOUT_S, "max.retries": 1, "retries.wait.ms": 200}))
+        "url": registry_url, "timeout": REGISTRY_TIMEOUT_S, "max.retries": 1, "retries.wait.ms": 200}),
+        ask_inline=ask_inline)

@@ -29,14 +29,14 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import fetch, metrics
-from streams.codec import (Codec, ControlKind, DeadLetter, SchemaRegistryUnavailable, SchemaRejected,
-                           schema_source)
+from streams.codec import (Codec, ControlKind, DeadLetter, SchemaLookupNeeded, SchemaRegistryUnavailable,
+                           SchemaRejected, schema_source)
 from streams.experiments import ExperimentCatalogue
 from streams.settings import Settings
 from streams.registry import ModelRegistry, model_registry
@@ -60,6 +60,8 @@ STATE_RETRY_MIN_S, STATE_RETRY_MAX_S = 0.25, 5.0
 STATE_UNREADABLE_RETRY_S = 60.0
 # Allocations (net of deallocations) between young collections; Python's default is 700.
 GC_YOUNG_THRESHOLD = 50_000
+
+T = TypeVar("T")
 
 
 def longer_wait(delay_s: float) -> float:
@@ -122,7 +124,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         web_port=settings.web_port,
         datadir=str(settings.home / "faust"),
     )
-    codec = Codec(schema_source(settings.schema_registry_url))
+    # It never asks the schema registry on the event loop (see answered).
+    codec = Codec(schema_source(settings.schema_registry_url, ask_inline=False))
     input_names = set(input_topic_names(settings))
     inputs = app.topic(*input_names, key_serializer="raw", value_serializer="raw")
     deadletters = app.topic(settings.topic(DEADLETTER), key_serializer="raw", value_serializer="raw")
@@ -184,6 +187,18 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             if oldest_ms is not None:
                 metrics.BATCH_DELAY_SECONDS.observe(max(0.0, done - oldest_ms / 1000))
             return unwritten
+
+    async def answered(do: Callable[[], T]) -> T:
+        """do(), once the schema registry has answered what it needs. The worker's catalogue
+        raises SchemaLookupNeeded rather than ask on the event loop, where a registry that hangs
+        would stop the worker, its health page included, for the client's timeout (3 s, twice);
+        the question is asked in a thread and do() tried again. Whatever do() did before it
+        raised must not count: stage 1 decodes a whole batch before it changes anything."""
+        while True:
+            try:
+                return do()
+            except SchemaLookupNeeded as need:
+                await app.loop.run_in_executor(None, codec.schemas.ask, need)
 
     async def acquire(partitions: set[int]) -> set[int]:
         """Claim input partitions in the state log and load their state (the caller holds
@@ -253,7 +268,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             batch = {tp: records for tp, records in batch.items() if tp[1] not in not_claimed}
         nonlocal retry_delay_s
         try:
-            result = stage1.process(batch)
+            result = await answered(lambda: stage1.process(batch))
         except SchemaRegistryUnavailable as exc:
             # Nothing of the batch was judged or counted: it is read again once the registry
             # answers, rather than its events dead-lettered for a schema nobody could look up.
@@ -378,7 +393,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         delay_s = 0.0
         while True:
             try:
-                order = codec.decode(ControlKind.KILLSWITCH, value)
+                order = await answered(lambda: codec.decode(ControlKind.KILLSWITCH, value))
             except SchemaRegistryUnavailable as exc:
                 metrics.SCHEMA_REGISTRY_UNAVAILABLE.labels("orders").set(1)
                 delay_s = longer_wait(delay_s)
@@ -490,10 +505,11 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         # Everything is encoded before anything is sent or written: the first record of each
         # kind after a start registers its schema, and a registry that cannot answer then
         # leaves the whole look to be taken again, not half of its records out.
-        controls = [(kind, codec.encode(kind, r)) for kind, records in (
-            (ControlKind.ALERT, actions.alerts), (ControlKind.KILLSWITCH, actions.killswitches),
-            (ControlKind.ALLOCATION, actions.allocations)) for r in records]
-        decision = codec.encode(ControlKind.DECISION, record)
+        controls, decision = await answered(lambda: (
+            [(kind, codec.encode(kind, r)) for kind, records in (
+                (ControlKind.ALERT, actions.alerts), (ControlKind.KILLSWITCH, actions.killswitches),
+                (ControlKind.ALLOCATION, actions.allocations)) for r in records],
+            codec.encode(ControlKind.DECISION, record)))
         for kind, value in controls:
             await control_topics[kind].send(key=key, value=value)
         for alert in actions.alerts:

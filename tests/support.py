@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -229,8 +230,10 @@ class CatalogueRegistry:
     makes (register a schema under a subject; read a schema by id), answered over real HTTP
     from schemas/catalogue.json, so that its ids are the local catalogue's and a stream
     written without a registry reads the same through it. While ``refusing`` is set it answers
-    look-ups by id with 503, as a registry in an outage does; ``refused`` counts those; and
-    ``refusing_registrations`` and ``registrations_refused`` do the same for registrations."""
+    look-ups by id with 503, as a registry in an outage does; ``refused`` counts those;
+    ``refusing_registrations`` and ``registrations_refused`` do the same for registrations.
+    While ``hanging`` is set it answers no look-up (a registry behind a black hole); ``hung``
+    counts the look-ups it held."""
 
     def __init__(self) -> None:
         import json
@@ -246,6 +249,8 @@ class CatalogueRegistry:
         self.refused = 0
         self.refusing_registrations = False
         self.registrations_refused = 0
+        self.hanging = False
+        self.hung = 0
         self.lookups = 0
         registry = self
 
@@ -263,6 +268,11 @@ class CatalogueRegistry:
                 if len(parts) != 3 or parts[:2] != ["schemas", "ids"] or not parts[2].isdigit():
                     return self._answer(404, {"error_code": 404, "message": "HTTP 404 Not Found"})
                 registry.lookups += 1
+                if registry.hanging:
+                    registry.hung += 1
+                    while registry.hanging:
+                        time.sleep(0.05)
+                    return  # the asker has given up long ago: no answer at all
                 if registry.refusing:
                     registry.refused += 1
                     return self._answer(503, {"error_code": 50301, "message": "registry unavailable (test outage)"})

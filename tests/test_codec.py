@@ -6,13 +6,13 @@ import struct
 import time
 
 import pytest
-from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 import streams.codec as codec_module
 from streams.codec import (Codec, DeadLetter, DeadLetterReason, EventKind, LocalCatalogue, RegistryCatalogue,
-                           SchemaRegistryUnavailable, SchemaRejected, schema_source)
+                           SchemaLookupNeeded, SchemaRegistryUnavailable, SchemaRejected, schema_source)
 from streams.simulate import simulate_records
 from tests.support import refuse_schema_lookups
 
@@ -105,6 +105,44 @@ def test_a_schema_the_registry_cannot_register_is_waited_on_and_one_it_refuses_i
     assert asked == [], "the id the registry just gave for abstream's own schema needs no look-up"
     with pytest.raises(SchemaRegistryUnavailable, match="ConnectError"):
         Codec(schema_source("http://127.0.0.1:9")).encode(EventKind.PREDICTION, record)
+
+
+
+def test_a_catalogue_that_does_not_ask_inline_says_what_to_ask_and_keeps_each_answer(monkeypatch):
+    registry = SchemaRegistryClient.new_client({"url": "mock://abstream-codec-deferred"})
+    record = RECORDS[EventKind.OUTCOME]
+    payload = Codec(RegistryCatalogue(registry)).encode(EventKind.OUTCOME, record)
+    good_id = struct.unpack(">I", payload[1:5])[0]
+    catalogue = RegistryCatalogue(registry, ask_inline=False)
+    codec = Codec(catalogue)
+    asked = refuse_schema_lookups(monkeypatch, registry, lambda *_: False)
+    with pytest.raises(SchemaLookupNeeded) as need:
+        codec.decode(EventKind.OUTCOME, payload)
+    assert (need.value.schema_id, need.value.kind) == (good_id, None) and asked == [], "asked inline"
+    catalogue.ask(need.value)
+    assert codec.decode(EventKind.OUTCOME, payload) == record
+    # An id the registry does not know, and one whose schema is not abstream's: each answer is
+    # kept, so the next try dead-letters instead of asking again (and again).
+    foreign = registry.register_schema("other", Schema(
+        '{"type": "record", "name": "Other", "fields": [{"name": "x", "type": "int"}]}', "AVRO"))
+    for schema_id in (4242, foreign):
+        unknown = b"\x00" + struct.pack(">I", schema_id) + payload[5:]
+        with pytest.raises(SchemaLookupNeeded) as need:
+            codec.decode(EventKind.OUTCOME, unknown)
+        catalogue.ask(need.value)
+        assert codec.decode(EventKind.OUTCOME, unknown).reason is DeadLetterReason.UNKNOWN_SCHEMA
+    assert asked == [good_id, 4242, foreign]
+    # Writing: the kind's schema is registered when asked, not inline.
+    with pytest.raises(SchemaLookupNeeded) as need:
+        codec.encode(EventKind.PREDICTION, RECORDS[EventKind.PREDICTION])
+    assert need.value.kind is EventKind.PREDICTION
+    catalogue.ask(need.value)
+    assert codec.decode(EventKind.PREDICTION, codec.encode(EventKind.PREDICTION, RECORDS[EventKind.PREDICTION])) \
+        == RECORDS[EventKind.PREDICTION]
+    # A registry that cannot answer says so from ask, as it does inline.
+    down = schema_source("http://127.0.0.1:9", ask_inline=False)
+    with pytest.raises(SchemaRegistryUnavailable, match="ConnectError"):
+        down.ask(SchemaLookupNeeded(schema_id=good_id))
 
 
 def _reason(kind, payload):

@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -707,18 +708,52 @@ def test_a_registry_that_cannot_register_what_stage_2_writes_delays_the_decision
         assert registry_waits(s).get("decisions") == 1.0
         refused = registry.registrations_refused
         registry.refusing_registrations = False
-        state: dict = {}
-
-        def decided() -> bool:
-            state["decision"] = decision_view(latest_decisions(s).get("fault"))
-            return state["decision"] == expected_view(expected, "fault")
-
-        wait_until(decided, 60, "the decision once the registry registers its schema")
+        wait_until(lambda: decision_view(latest_decisions(s).get("fault")) == expected_view(expected, "fault"),
+                   60, "the decision once the registry registers its schema")
         assert registry_waits(s).get("decisions") == 0.0
         log_text = (cluster.tmp / "w0.log").read_text(errors="replace")
         assert "experiment fault not evaluated, tried again in" in log_text, log_text[-4000:]
         assert "Traceback" not in log_text, log_text[-4000:]
     report("schema-registry-refuses-registration", started, refused=refused)
+
+
+
+def test_a_schema_registry_that_hangs_does_not_stop_the_worker(cluster):
+    """The registry holds every look-up without an answer (a black hole) once the worker runs:
+    the worker asks in a thread, not on its event loop, so it keeps answering /health the while
+    (a liveness probe would otherwise restart it, and the restart meet the same registry);
+    nothing is counted meanwhile, and once the registry answers the decision is exact."""
+    started = time.monotonic()
+    messages, configs = fault_stream(seed=17)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    with CatalogueRegistry() as registry:
+        worker = cluster.start("w0", sink=False, env={"ABSTREAM_SCHEMA_REGISTRY_URL": registry.url})
+        s = cluster.worker_settings["w0"]
+        registry.hanging = True
+        feeder = cluster.feed(messages, rate_per_s=len(messages) / 10)
+        feeder.finish()
+        wait_until(lambda: registry.hung >= 1, 60, "the worker to ask the registry")
+        health = f"http://{s.web_host}:{s.web_port}/health"
+        answered = 0
+        until = time.monotonic() + 15  # past two look-ups given up (3 s, tried twice, each)
+        while time.monotonic() < until:
+            # Without the thread, the event loop stands still for the client's whole wait
+            # (6 s a look-up); a health page answers in milliseconds.
+            with urllib.request.urlopen(health, timeout=2.5) as response:
+                assert response.status == 200
+            answered += 1
+            time.sleep(0.25)
+        hung = registry.hung
+        assert hung >= 2, "the worker must have asked again after giving up"
+        assert consumed(s) == 0, "nothing may be counted before its schema is known"
+        assert worker.poll() is None, cluster.log("w0")
+        registry.hanging = False
+        wait_until(lambda: decision_view(latest_decisions(s).get("fault")) == expected_view(expected, "fault"),
+                   90, "the exact decision once the registry answers")
+        wait_until(lambda: not any(group_lag(s, f"{s.topic_prefix}worker", input_topics(s)).values()), 30,
+                   "stage 1 to commit the whole stream")
+    report("schema-registry-hangs", started, hung=hung, health_answers=answered)
 
 
 def corrupt_state_log(settings: Settings, partition: int) -> None:
