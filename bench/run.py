@@ -1194,6 +1194,7 @@ def pair_figures(pairs: list[tuple[dict, dict]], decode: dict | None) -> dict:
         if one.get("rate") and two.get("rate"):
             row["two_vs_one"] = round(two["rate"] / one["rate"], 3)
             row["two_vs_one_cpu_bound"] = two_vs_one_cpu_bound(one, two)["bound"]
+            row["worker_cpu_two_over_one"] = worker_cpu_two_over_one(one, two)
             if one.get("rate_after_publish") and two.get("rate_after_publish"):
                 row["two_vs_one_after_publish"] = round(two["rate_after_publish"] / one["rate_after_publish"], 3)
             complete.append((row["two_vs_one"], i))
@@ -1206,7 +1207,8 @@ def pair_figures(pairs: list[tuple[dict, dict]], decode: dict | None) -> dict:
     ratio, i = sorted(complete)[(len(complete) - 1) // 2]  # the lower median: a pair that was measured
     one, two = pairs[i - 1]
     out.update({"median_pair": i, "one_worker": one, "two_workers": two, "two_vs_one": ratio,
-                "two_vs_one_cpu_bound": two_vs_one_cpu_bound(one, two)})
+                "two_vs_one_cpu_bound": two_vs_one_cpu_bound(one, two),
+                "worker_cpu_two_over_one": worker_cpu_two_over_one(one, two)})
     if one.get("rate_after_publish") and two.get("rate_after_publish"):
         out["two_vs_one_after_publish"] = round(two["rate_after_publish"] / one["rate_after_publish"], 3)
     if decode:
@@ -1215,8 +1217,14 @@ def pair_figures(pairs: list[tuple[dict, dict]], decode: dict | None) -> dict:
                      "own after the warm-up; two_vs_one is the median of the pairs' ratios (the lower one for an even "
                      "count) and one_worker, two_workers, two_vs_one_cpu_bound and two_vs_one_after_publish are that "
                      "pair's; one_worker_vs_decode is the (lower) median of the one-worker rates over the decode "
-                     "ceiling")
+                     "ceiling; worker_cpu_two_over_one = the two workers' CPU-seconds over the one worker's for the "
+                     "same events: 1.0 when scaling out costs no extra work per event, whatever the cores")
     return out
+
+
+def worker_cpu_two_over_one(one: dict, two: dict) -> float | None:
+    ones, twos = (run.get("cpu_seconds", {}).get("workers") for run in (one, two))
+    return round(sum(twos) / sum(ones), 3) if ones and twos and sum(ones) else None
 
 
 def two_vs_one_cpu_bound(one: dict, two: dict) -> dict:
@@ -1293,6 +1301,8 @@ def table(report: dict) -> str:
                      f" (worker CPU shares {tp['two_workers'].get('worker_cpu_share')})"))
     if "two_vs_one_after_publish" in tp:
         rows.append(("2 workers / 1 worker, after publishing", f"{tp['two_vs_one_after_publish']:.2f}"))
+    if tp.get("worker_cpu_two_over_one"):
+        rows.append(("workers' CPU-seconds, 2 workers / 1 worker, same events", f"{tp['worker_cpu_two_over_one']:.2f}"))
     sc = report.get("scaling", {})
     if "two_vs_one" in sc:
         rows.append((f"2 workers / 1 worker, each held to {sc['worker_cores']:g} core", f"{sc['two_vs_one']:.2f} "
