@@ -134,6 +134,11 @@ STATE_WRITE_FAILURES = Counter(
     "abstream_state_write_failures_total",
     "Stage-1 state-log transactions Kafka did not take (per partition); that batch of the partition is read again."
 )
+INPUT_HELD_BACK = Counter(
+    "abstream_input_held_back_total",
+    "Input messages fetched for a partition this worker could not claim (its stage-1 state unreadable, the broker "
+    "away), left unacknowledged; the partition is then paused until a claim succeeds.",
+)
 STATE_UNREADABLE = Gauge(
     "abstream_state_unreadable",
     "1 while this worker cannot apply an input partition's stage-1 state log (its messages wait, unprocessed).",

@@ -152,6 +152,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     lettered: dict[tuple[str, int], int] = {}
     # Input partitions whose state log this version cannot apply: when to try again.
     unreadable: dict[int, float] = {}
+    # Input partitions paused because they could not be claimed (see hold_back).
+    held_back: set[int] = set()
     changed_experiments: set[str] = set()
     last_evaluated: dict[str, float] = {}
     latest_decisions: dict[str, dict] = {}
@@ -232,7 +234,22 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             if unreadable.pop(partition, None) is not None:
                 metrics.STATE_UNREADABLE.labels(str(partition)).set(0)
             claimed.add(partition)
+            if partition in held_back:
+                held_back.discard(partition)
+                app.consumer.resume_partitions(input_partitions({partition}))
         return failed
+
+    def input_partitions(partitions: set[int]) -> set:
+        """The assigned input topic-partitions of these partition numbers."""
+        return {tp for tp in app.consumer.assignment() if tp.topic in input_names and tp.partition in partitions}
+
+    def hold_back(partitions: set[int]) -> None:
+        """Pause fetching input partitions that could not be claimed. Their records wait in the
+        fetcher's buffer until settle_ownership claims them (each tick); read and sought back on
+        every batch instead, they kept a worker busy with nothing to show (Faust resumes every
+        partition after a rebalance; the next batch pauses them again)."""
+        app.consumer.pause_partitions(input_partitions(partitions))
+        held_back.update(partitions)
 
     def let_go(partition: int) -> None:
         """Forget a partition's stage-1 state and claim: it is read from its log if it comes back."""
@@ -265,6 +282,8 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         started = time.time()
         not_claimed = await acquire({partition for _, partition in batch})
         if not_claimed:  # read again, once they are claimed
+            metrics.INPUT_HELD_BACK.inc(sum(len(records) for tp, records in batch.items() if tp[1] in not_claimed))
+            hold_back(not_claimed)
             batch = {tp: records for tp, records in batch.items() if tp[1] not in not_claimed}
         nonlocal retry_delay_s
         try:
@@ -575,6 +594,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 held_tips[partition] = state_log.tip(partition)
                 state_log.release(partition)
                 claimed.discard(partition)
+            held_back.difference_update(tp.partition for tp in revoked if tp.topic in input_names)  # Faust unpauses them
 
     @app.page("/metrics")
     async def metrics_page(web, request):

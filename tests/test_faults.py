@@ -806,6 +806,12 @@ def test_a_partition_whose_state_cannot_be_applied_waits_and_the_others_go_on(cl
     samples = scrape(s)
     assert total(samples, "abstream_state_unreadable", partition=str(bad)) == 1
     assert total(samples, "abstream_state_unreadable") == 1
+    # The partition is paused, not fetched and sought back again and again: with nothing new
+    # published, the count of messages held back stands still.
+    held_back = total(samples, "abstream_input_held_back_total")
+    assert held_back >= 1
+    time.sleep(5)
+    assert total(scrape(s), "abstream_input_held_back_total") == held_back, "the partition is fetched again and again"
     log_text = (cluster.tmp / "w0.log").read_text(errors="replace")
     assert f"the stage-1 state of input partition {bad} cannot be applied" in log_text, log_text[-4000:]
     assert "Traceback" not in log_text and "crashed" not in log_text.lower(), log_text[-4000:]
