@@ -484,7 +484,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 except SchemaRegistryUnavailable as exc:
                     # Nothing of the look went out (evaluate_experiment encodes first). It is
                     # taken again later: no new event may come to prompt it. The others wait
-                    # too rather than each hold the event loop for the registry's timeout.
+                    # too rather than each wait out the registry's timeout in turn.
                     registry_failed = True
                     changed_experiments.add(experiment_id)
                     registry_delay_s = longer_wait(registry_delay_s)
