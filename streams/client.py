@@ -66,7 +66,8 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 from confluent_kafka import KafkaException
 
-from streams.codec import Codec, ControlKind, DeadLetter, EventKind, schema_source, validate
+from streams.codec import (Codec, ControlKind, DeadLetter, EventKind, SchemaRegistryUnavailable, SchemaRejected,
+                           schema_source, validate)
 from streams.experiments import ExperimentCatalogue, ExperimentConfig
 from streams.settings import Settings
 from streams.topics import ALLOCATIONS, INPUT_TOPICS, KILLSWITCH, TopicError, TopicFollower, ensure_topics, make_producer
@@ -92,7 +93,8 @@ class InvalidEvent(ValueError):
 
 
 class PublishError(RuntimeError):
-    """The producer refused a message for a reason other than a full queue."""
+    """The producer refused a message for a reason other than a full queue, or the schema
+    registry could not register abstream's schema of its kind (the message says which)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,6 +497,8 @@ class EventPublisher:
         try:
             value = self._codec.encode(kind, record)
             problem = validate(kind, record)
+        except (SchemaRegistryUnavailable, SchemaRejected) as exc:  # not the event's fault
+            raise PublishError(f"cannot publish {kind.value} event: {exc}") from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise InvalidEvent(f"{kind.value} event cannot be encoded: {type(exc).__name__}: {exc}") from None
         if problem is not None:

@@ -23,9 +23,10 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 from streams import client, experiments
 from streams.client import (
     BUCKETS, Allocation, AllocationReason, ControlFollower, EventPublisher, InvalidEvent, KillAction, KillSwitch,
-    ModelRef, Router, ShadowRunner, UnknownExperiment, assign, assigner, basis_points, sampled, unit_bucket,
+    ModelRef, PublishError, Router, ShadowRunner, UnknownExperiment, assign, assigner, basis_points, sampled,
+    unit_bucket,
 )
-from streams.codec import Codec, ControlKind, EventKind
+from streams.codec import Codec, ControlKind, EventKind, RegistryCatalogue
 from streams.experiments import ExperimentConfig
 from streams.topics import INPUT_TOPICS, KILLSWITCH, ensure_topics, make_producer
 
@@ -289,6 +290,31 @@ def test_invalid_events_raise_and_are_not_published(settings):
         with pytest.raises(InvalidEvent, match="cannot be encoded"):
             publisher.publish(EventKind.OUTCOME, {"experiment_id": "ranker", "unit_id": "u"})
         assert publisher.stats().pending == 0
+
+
+
+def test_a_registry_that_cannot_register_the_schema_is_a_publish_error_not_an_invalid_event(settings, monkeypatch):
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    registry = SchemaRegistryClient.new_client({"url": "mock://abstream-client-register"})
+    answers = [SchemaRegistryError(503, 50301, "registry unavailable"), SchemaRegistryError(409, 409, "incompatible")]
+    register = registry.register_schema
+
+    def register_schema(*args, **kwargs):
+        if answers:
+            raise answers.pop(0)
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "register_schema", register_schema)
+    ensure_topics(settings)
+    with EventPublisher(settings, codec=Codec(RegistryCatalogue(registry))) as publisher:
+        for words in ("did not register abstream's outcome schema.*503", "refused abstream's outcome schema"):
+            with pytest.raises(PublishError, match=words):
+                publisher.outcome("ranker", "u", "conversion", 1.0)
+        publisher.outcome("ranker", "u", "conversion", 1.0)
+        assert publisher.flush(10) == 0
+        assert publisher.stats().delivered == 1
 
 
 def test_a_full_queue_drops_within_the_bound_and_counts_it(tmp_path):
