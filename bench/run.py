@@ -1403,6 +1403,8 @@ def main() -> int:
                         help="CPU quota of each worker in the scaling part (cores)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     unknown = set(parts) - set(PARTS) - {"profile"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}, profile")
