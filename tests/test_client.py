@@ -295,18 +295,11 @@ def test_invalid_events_raise_and_are_not_published(settings):
 
 def test_a_registry_that_cannot_register_the_schema_is_a_publish_error_not_an_invalid_event(settings, monkeypatch):
     from confluent_kafka.schema_registry import SchemaRegistryClient
-    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    from tests.support import fail_schema_registrations
 
     registry = SchemaRegistryClient.new_client({"url": "mock://abstream-client-register"})
-    answers = [SchemaRegistryError(503, 50301, "registry unavailable"), SchemaRegistryError(409, 409, "incompatible")]
-    register = registry.register_schema
-
-    def register_schema(*args, **kwargs):
-        if answers:
-            raise answers.pop(0)
-        return register(*args, **kwargs)
-
-    monkeypatch.setattr(registry, "register_schema", register_schema)
+    fail_schema_registrations(monkeypatch, registry, [503, 409])
     ensure_topics(settings)
     with EventPublisher(settings, codec=Codec(RegistryCatalogue(registry))) as publisher:
         for words in ("did not register abstream's outcome schema.*503", "refused abstream's outcome schema"):

@@ -14,7 +14,7 @@ import streams.codec as codec_module
 from streams.codec import (Codec, DeadLetter, DeadLetterReason, EventKind, LocalCatalogue, RegistryCatalogue,
                            SchemaLookupNeeded, SchemaRegistryUnavailable, SchemaRejected, schema_source)
 from streams.simulate import simulate_records
-from tests.support import refuse_schema_lookups
+from tests.support import fail_schema_registrations, refuse_schema_lookups
 
 RECORDS = {kind: next(r for k, r in simulate_records(200, seed=3) if k is kind) for kind in EventKind}
 
@@ -81,18 +81,8 @@ def test_a_registry_that_cannot_answer_is_an_error_to_wait_on_not_a_dead_letter(
 
 
 def test_a_schema_the_registry_cannot_register_is_waited_on_and_one_it_refuses_is_an_error(monkeypatch):
-    from confluent_kafka.schema_registry.error import SchemaRegistryError
-
     registry = SchemaRegistryClient.new_client({"url": "mock://abstream-codec-register-outage"})
-    answers = [SchemaRegistryError(503, 50301, "registry unavailable"), SchemaRegistryError(409, 409, "incompatible")]
-    register = registry.register_schema
-
-    def register_schema(subject, schema, *args, **kwargs):
-        if answers:
-            raise answers.pop(0)
-        return register(subject, schema, *args, **kwargs)
-
-    monkeypatch.setattr(registry, "register_schema", register_schema)
+    fail_schema_registrations(monkeypatch, registry, [503, 409])
     asked = refuse_schema_lookups(monkeypatch, registry, lambda *_: True)
     codec = Codec(RegistryCatalogue(registry))
     record = RECORDS[EventKind.PREDICTION]
