@@ -468,7 +468,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
             return  # the pass running now, or the next tick after the rebalance, takes what is left
         async with evaluating:
             now = time.monotonic()
-            looked, registry_failed = 0, False
+            looked = registry_failed = False
             for experiment_id in sorted(changed_experiments):
                 if now - last_evaluated.get(experiment_id, 0.0) < settings.decision_interval_s:
                     continue
@@ -478,7 +478,7 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
                 stored = experiment_partials.data.get(experiment_id)
                 if config is None or stored is None or stored["partition"] not in owned:
                     continue
-                looked += 1
+                looked = True
                 try:
                     await evaluate_experiment(config, stored)
                 except SchemaRegistryUnavailable as exc:
