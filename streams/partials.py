@@ -89,10 +89,13 @@ class Partial:
     # Flat, keyed (namespace, variant or challenger, key): see CounterKey.
     counters: dict[CounterKey, float] = field(default_factory=dict)
 
-    def add_counters(self, changes: dict[CounterKey, float]) -> None:
+    def add_counters(self, changes: dict[CounterKey, float]) -> bool:
+        """Add the changes; True when one of them is a counter this partial did not have."""
         mine = self.counters
+        had = len(mine)
         for key, value in changes.items():
             mine[key] = mine.get(key, 0) + value
+        return len(mine) > had
 
     def drop_middle_score_hours(self) -> None:
         """Keep each variant's score bins of its first and its latest event-time hour only: the

@@ -472,8 +472,10 @@ class Stage1:
             self.dirty.add((partition, experiment_id))
         for experiment_id, changes in counter_changes.items():
             partial = state.partials.setdefault(experiment_id, Partial())
-            partial.add_counters(changes)
-            partial.drop_middle_score_hours()
+            # Without a new counter the score hours are those of the last drop: nothing to drop.
+            # (Looking through every counter per batch was ~5% of the main thread at 10,000 events/s, py-spy.)
+            if partial.add_counters(changes):
+                partial.drop_middle_score_hours()
             self.dirty.add((partition, experiment_id))
         return chunks, {e: list(_counter_list(c)) for e, c in counter_changes.items()}
 

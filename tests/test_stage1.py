@@ -518,6 +518,20 @@ def test_score_bins_are_kept_for_the_first_and_the_latest_hour_only():
     assert sum(n for (ns, _, _), n in partial_of(fold).counters.items() if ns == "status") == 48
 
 
+def test_score_bins_of_a_middle_hour_go_whichever_batch_makes_it_middle():
+    fold, log = fresh_fold()
+    hour = 3_600_000
+    first, later = (T0 + hour) // hour, (T0 + 2 * hour) // hour
+    log.process([message(EventKind.ASSIGNMENT, 0), message(EventKind.PREDICTION, 1, event_time=T0 + hour, score=0.15)])
+    log.process([message(EventKind.PREDICTION, 2, event_time=T0 + 2 * hour, score=0.45)])
+    log.process([message(EventKind.PREDICTION, 3, event_time=T0 + 2 * hour + 1, score=0.45)])  # no new counter
+    scores = lambda: {key: n for (ns, _, key), n in partial_of(fold).counters.items() if ns == "score"}
+    bin_of = lambda score: int(score * SCORE_BINS)
+    assert scores() == {f"{first}:{bin_of(0.15)}": 1, f"{later}:{bin_of(0.45)}": 2}
+    log.process([message(EventKind.PREDICTION, 4, event_time=T0 + 3 * hour, score=0.95)])
+    assert scores() == {f"{first}:{bin_of(0.15)}": 1, f"{(T0 + 3 * hour) // hour}:{bin_of(0.95)}": 1}
+
+
 def test_a_state_log_that_cannot_be_applied_is_refused_whole():
     fold, log = fresh_fold()
     log.process([message(EventKind.ASSIGNMENT, 1), message(EventKind.OUTCOME, 2)])
