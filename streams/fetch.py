@@ -28,6 +28,10 @@ offsets.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
+import threading
+import traceback
 from typing import Awaitable, Callable, Sequence
 
 from faust.transport.drivers import TRANSPORTS
@@ -43,10 +47,15 @@ FETCH_MAX_WAIT_MS = 50
 # calls per batch, whatever its size) was paid for a few dozen events, and a worker took 0.9 of
 # a core at 1,500 events/s offered, as much as at 10,000 (py-spy: ~80% in stage-1 batches).
 FETCH_MIN_BYTES = 1 << 20
+# A batch is folded and written in milliseconds. One in flight this long waits on something
+# (a registry that hangs, a state write the broker does not acknowledge, a bug), and a
+# rebalance waits on it too: the worker says where, then again at each doubling of its age.
+STUCK_BATCH_S = 5.0
 # The handler gets aiokafka's records as they are, per (topic, partition), in offset order, and
 # returns the (topic, partition) whose records it could not make durable: not acked, read again.
 BatchHandler = Callable[[dict[tuple[str, int], Sequence[ConsumerRecord]]], Awaitable[set[tuple[str, int]]]]
 SCHEME = "abstream"
+log = logging.getLogger(__name__)
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
@@ -92,7 +101,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     processing = asyncio.ensure_future(handler(batch))
                     prefetched = asyncio.ensure_future(next_records())
                     try:
-                        unwritten = await asyncio.shield(processing)
+                        unwritten = await _watched(processing)
                     except asyncio.CancelledError:
                         # The worker is stopping: finish the batch and ack it, so that the
                         # consumer's last commit covers it rather than its next owner redoing it.
@@ -148,6 +157,40 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 self._n_acked += len(fresh)
         for marker in markers.values():
             self.ack(marker)
+
+
+async def _watched(processing: asyncio.Task) -> set[tuple[str, int]]:
+    """The batch's result. Like ``asyncio.shield``, cancelling the caller leaves the batch
+    running; unlike it, a batch that takes STUCK_BATCH_S and longer is reported with where it
+    waits."""
+    age, report_at = 0.0, STUCK_BATCH_S
+    while True:
+        done, _ = await asyncio.wait({processing}, timeout=report_at - age)
+        if done:
+            return processing.result()
+        age = report_at
+        report_at *= 2
+        log.warning("a stage-1 batch has been in flight for %g s; where it waits:\n%s", age, where_waiting(processing))
+
+
+def where_waiting(task: asyncio.Task) -> str:
+    """A task's await chain, innermost last, and the stack of every other thread (where an
+    executor's work, a registry look-up or a state write, stands)."""
+    lines = ["the batch's task:"]
+    awaited = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:  # a future (an executor's work, a broker's answer): the chain ends
+            lines.append(f"  awaiting {type(awaited).__name__}")
+            break
+        lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}')
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident != threading.get_ident():
+            lines.append(f"thread {names.get(ident, ident)}:")
+            lines += [line.rstrip() for line in traceback.format_stack(frame)]
+    return "\n".join(lines)
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):

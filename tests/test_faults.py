@@ -746,6 +746,9 @@ def test_a_schema_registry_that_hangs_does_not_stop_the_worker(cluster):
             time.sleep(0.25)
         hung = registry.hung
         assert hung >= 2, "the worker must have asked again after giving up"
+        # The batch waiting on the look-up is reported with where it waits (streams/fetch.py).
+        stuck = cluster.log("w0", tail=10**8).split("a stage-1 batch has been in flight for 5 s")
+        assert len(stuck) >= 2 and "in ask" in stuck[1], cluster.log("w0")
         assert consumed(s) == 0, "nothing may be counted before its schema is known"
         assert worker.poll() is None, cluster.log("w0")
         registry.hanging = False
