@@ -1487,9 +1487,9 @@ def main() -> int:
                                           n_workers=args.latency_workers)
             report["latency"]["method"] = (
                 f"{args.latency_workers} worker(s) without the sink role (--latency-workers); paced producer at the "
-                "offered rate. One worker by default: it holds 10,000 events/s at ~0.75 of a core, and on a 2-core "
-                "machine that also runs the broker and the producer a second worker adds its own per-process work "
-                "to the same two cores (see more_workers)")
+                "offered rate. One worker by default (worker_cpu_share_while_paced: the share of a core it took): on "
+                "a 2-core machine that also runs the broker and the producer a second worker adds its own "
+                "per-process work to the same two cores (see more_workers)")
             configs, regressions = regression_experiments(4, first_s=12.0, every_s=4.0)
             more = paced_run(bench, corpus, "latency-more", args.rate, 30.0, sink=False, regressions=regressions,
                              extra_configs=configs, warmup_s=5.0, n_workers=args.latency_workers + 1)
