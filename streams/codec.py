@@ -346,9 +346,10 @@ _REQUIRED_BY_KIND = {
 
 
 @dataclass(frozen=True)
-class _FieldChecks:
+class FieldChecks:
     """The fields of an event kind that validation reads, by type (from the newest local
-    schema, which every decoded record is resolved to)."""
+    schema, which every decoded record is resolved to). Public for the column decoder
+    (streams/columns.py), which applies the same rules to a whole batch."""
 
     required: tuple[str, ...]
     strings: tuple[str, ...]
@@ -363,17 +364,17 @@ def _type_names(declared: Any) -> set[str]:
 
 
 @functools.cache
-def _field_checks() -> dict[EventKind, _FieldChecks]:
+def field_checks() -> dict[EventKind, FieldChecks]:
     """Per event kind, once per process (it reads the schema files)."""
     catalogue = LocalCatalogue()
 
-    def checks(kind: EventKind) -> _FieldChecks:
+    def checks(kind: EventKind) -> FieldChecks:
         fields = catalogue.writer(catalogue.id_for(kind)).parsed["fields"]
 
         def typed(*names: str) -> tuple[str, ...]:
             return tuple(f["name"] for f in fields if _type_names(f["type"]) & set(names))
 
-        return _FieldChecks(_REQUIRED_IDS + _REQUIRED_BY_KIND[kind], typed("string"), typed("double", "float"),
+        return FieldChecks(_REQUIRED_IDS + _REQUIRED_BY_KIND[kind], typed("string"), typed("double", "float"),
                             typed("map"), _LATENCY_FIELDS.get(kind, ()))
 
     return {kind: checks(kind) for kind in EventKind}
@@ -387,7 +388,7 @@ def validate(kind: EventKind, record: dict, *, size: int | None = None) -> str |
     can be too long, and decode skips those checks (events are ~100 bytes; validation was
     a third of a worker's decoding in py-spy, bench/PROFILE.md).
     """
-    checks = _field_checks()[kind]
+    checks = field_checks()[kind]
     for name in checks.required:
         if not record[name]:
             return f"{name} is empty"

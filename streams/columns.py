@@ -35,7 +35,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from streams.codec import (MAX_EVENT_TIME_MS, MAX_LATENCY_MS, MAX_SEGMENT_ENTRIES, MAX_STRING_CHARS,
-                           MIN_EVENT_TIME_MS, Codec, DeadLetter, EventKind, UnknownSchemaId, _field_checks)
+                           MIN_EVENT_TIME_MS, Codec, DeadLetter, EventKind, UnknownSchemaId, field_checks)
 
 _HEADER_BYTES = 5  # magic byte 0 and the 4-byte big-endian schema id (Confluent wire format)
 # Zero bytes after the payloads, so that a fixed-width read at any position up to their end
@@ -424,7 +424,7 @@ class ColumnDecoder:
         for name in self._hashed:
             if name not in self._types or self._types[name].base != "string":
                 raise ValueError(f"hashed field {name} is not a string field of {kind.value} events")
-        checks = _field_checks()[kind]
+        checks = field_checks()[kind]
         self._required = frozenset(checks.required)
         self._latencies = frozenset(checks.latencies)
         # The types validate's rules assume, as _breaks_rule does.
