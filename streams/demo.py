@@ -591,7 +591,7 @@ def _run(settings: Settings, pace: Pace, run_id: str, out: Path, started: Starte
                 time.sleep(0.3)
                 live.update(render(day, view, configs, sim_ms, end_ms, pace, waiting=True))
             time.sleep(2.5)  # the last looks (decisions at most every 0.25 s) and their alerts
-            live.update(render(day, view, configs, sim_ms, end_ms, pace))
+            live.update(render(day, view, configs, sim_ms, end_ms, pace, notes=False))
         _wait_for_clickhouse(sink_settings, day, view, console)
         paths = _write_reports(sink_settings, configs, out, console)
         summary = _summary(settings, run_id, day, view, paths, out)

@@ -111,8 +111,10 @@ def _note(experiment_id: str, day, view, decision: dict | None) -> str:
     return ""
 
 
-def render(day, view, configs: dict[str, Any], sim_ms: int, end_ms: int, pace, *, waiting: bool = False) -> Group:
-    """The live view at simulated time ``sim_ms``."""
+def render(day, view, configs: dict[str, Any], sim_ms: int, end_ms: int, pace, *, waiting: bool = False,
+           notes: bool = True) -> Group:
+    """The live view at simulated time ``sim_ms``; without the notes under the table in the
+    last frame, which the closing lines (:func:`story_lines`) tell from the whole run."""
     from streams.demo import DAY_S, EXPERIMENTS, START_MS, STORIES
 
     done = (sim_ms - START_MS) / (end_ms - START_MS)
@@ -123,7 +125,7 @@ def render(day, view, configs: dict[str, Any], sim_ms: int, end_ms: int, pace, *
     table = Table(pad_edge=False, box=None, header_style="bold", padding=(0, 1))
     for name in ("experiment", "traffic now (units)", "lift [always-valid 95%]", "verdict", "alerts"):
         table.add_column(name)
-    notes = []
+    lines = []
     for i, experiment_id in enumerate(EXPERIMENTS, 1):
         decision = view.latest_decision(experiment_id)
         # After a promotion control serves no one and the decision compares nothing: show the
@@ -135,8 +137,9 @@ def render(day, view, configs: dict[str, Any], sim_ms: int, end_ms: int, pace, *
         name = Text.assemble((f"{i}. {experiment_id}", "bold"), "\n", (STORIES[experiment_id], "dim"))
         table.add_row(name, _traffic(day, experiment_id, configs[experiment_id]), _lift(decision), _verdict(decision),
                       _alerts(view.of(ControlKind.ALERT, experiment_id)), end_section=True)
-        notes.append(Text.assemble((f"{i}. ", "bold"), _note(experiment_id, day, view, decision)))
-    return Group(head, ProgressBar(total=DAY_S, completed=done * DAY_S), table, Text(""), *notes)
+        if notes:
+            lines.append(Text.assemble((f"{i}. ", "bold"), _note(experiment_id, day, view, decision)))
+    return Group(head, ProgressBar(total=DAY_S, completed=done * DAY_S), table, *([Text("")] + lines if lines else []))
 
 
 def story_lines(summary: dict) -> list[str]:

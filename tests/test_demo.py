@@ -108,8 +108,9 @@ def test_aa_never_declares_a_winner_and_peeking_is_counted(demo):
     assert {d["verdict"] for d in decisions} <= {"continue", "inconclusive"}
     looks = summary["aa_peeking"]
     assert looks["looks"] >= 10 and 0 <= looks["winner_looks"] <= looks["looks"]
-    assert f"naive peeking would have declared a winner at {looks['winner_looks']} of {looks['looks']} looks" \
-        in " ".join(stdout.split())
+    printed = " ".join(stdout.split())
+    assert f"naive peeking would have declared a winner at {looks['winner_looks']} of {looks['looks']} looks" in printed
+    assert printed.count("naive peeking would have declared") == 1, "the story is told once at the end, not twice"
 
 
 def test_assignment_bug_raises_an_srm_alert(demo):
