@@ -66,8 +66,8 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 from confluent_kafka import KafkaException
 
-from streams.codec import (Codec, ControlKind, DeadLetter, EventKind, SchemaRegistryUnavailable, SchemaRejected,
-                           schema_source, validate)
+from streams.codec import (Codec, ControlKind, DeadLetter, EventKind, LocalCatalogue, SchemaLookupNeeded,
+                           SchemaRegistryUnavailable, SchemaRejected, schema_source, validate)
 from streams.experiments import ExperimentCatalogue, ExperimentConfig
 from streams.settings import Settings
 from streams.topics import ALLOCATIONS, INPUT_TOPICS, KILLSWITCH, TopicError, TopicFollower, ensure_topics, make_producer
@@ -449,6 +449,13 @@ class EventPublisher:
     or the bound has passed; then the event is dropped, counted in ``dropped``, logged, and
     the call returns False. An event that cannot be encoded or fails the workers' validation
     raises :class:`InvalidEvent` (a bug in the caller, not a transient condition).
+
+    The schema registry is never asked on the caller's thread either: a thread registers the
+    four kinds' schemas from the start (again after 0.25 s, doubling to 5 s, while the registry
+    cannot), and an event whose schema is not registered within ``max_block_s`` raises
+    :class:`PublishError`. Asked inline, a registry that hangs held every publishing call for
+    its client's timeout (3 s, twice) while the outage lasted: a router's request path with it.
+    :meth:`wait_for_schemas` waits for them at start-up.
     """
 
     def __init__(self, settings: Settings, *, codec: Codec | None = None, max_block_s: float = 0.05,
@@ -465,6 +472,13 @@ class EventPublisher:
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._serve_reports, name="event-publisher", daemon=True)
         self._poller.start()
+        self._schema_ready = {kind: threading.Event() for kind in EventKind}
+        self._schema_problem: dict[EventKind, str] = {}
+        if isinstance(self._codec.schemas, LocalCatalogue):  # no registry: every id is known
+            for ready in self._schema_ready.values():
+                ready.set()
+        else:
+            threading.Thread(target=self._register_schemas, name="event-publisher-schemas", daemon=True).start()
 
     def __enter__(self) -> "EventPublisher":
         return self
@@ -475,6 +489,34 @@ class EventPublisher:
     def _serve_reports(self) -> None:
         while not self._stopping.is_set():
             self._producer.poll(0.1)
+
+    def _register_schemas(self) -> None:
+        """Have the codec know every kind's schema id, trying again while the registry cannot
+        say (the id is then cached by the catalogue: encoding asks no one)."""
+        wait_s = 0.25
+        pending = list(EventKind)
+        while pending and not self._stopping.is_set():
+            for kind in list(pending):
+                try:
+                    try:
+                        self._codec.schemas.id_for(kind)
+                    except SchemaLookupNeeded as need:  # a catalogue that does not ask inline
+                        self._codec.schemas.ask(need)
+                        self._codec.schemas.id_for(kind)
+                except (SchemaRegistryUnavailable, SchemaRejected) as exc:
+                    self._schema_problem[kind] = str(exc)
+                    continue
+                self._schema_problem.pop(kind, None)
+                self._schema_ready[kind].set()
+                pending.remove(kind)
+            if pending:
+                self._stopping.wait(wait_s)
+                wait_s = min(5.0, wait_s * 2)
+
+    def wait_for_schemas(self, timeout_s: float = 10.0) -> bool:
+        """Wait up to ``timeout_s`` for the four kinds' schemas to be registered; True when they are."""
+        deadline = time.monotonic() + timeout_s
+        return all(ready.wait(max(0.0, deadline - time.monotonic())) for ready in self._schema_ready.values())
 
     def _on_delivery(self, err, msg) -> None:
         with self._lock:
@@ -494,6 +536,9 @@ class EventPublisher:
             record["event_id"] = str(uuid.uuid4())
         if record.get("event_time") is None:
             record["event_time"] = _now_ms()
+        if not self._schema_ready[kind].wait(self.max_block_s):
+            problem = self._schema_problem.get(kind, "the schema registry has not answered yet")
+            raise PublishError(f"cannot publish {kind.value} event: its schema is not registered yet ({problem})")
         try:
             value = self._codec.encode(kind, record)
             problem = validate(kind, record)
@@ -801,6 +846,11 @@ class Router:
         self.control.start(timeout_s)
         self.catalogue.wait_until_caught_up(timeout_s)
         self.control.wait_until_caught_up(timeout_s)
+        if not self.publisher.wait_for_schemas(timeout_s):
+            # Serving goes on: the variants need no registry, and events raise PublishError
+            # until the schemas are registered (the publisher keeps trying).
+            log.warning("the event schemas are not registered after %g s; events raise PublishError until they are",
+                        timeout_s)
         return self
 
     def close(self, timeout_s: float = 10.0) -> int:

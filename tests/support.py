@@ -251,7 +251,7 @@ class CatalogueRegistry:
     look-ups by id with 503, as a registry in an outage does; ``refused`` counts those;
     ``refusing_registrations`` and ``registrations_refused`` do the same for registrations.
     While ``hanging`` is set it answers no look-up (a registry behind a black hole); ``hung``
-    counts the look-ups it held."""
+    counts the look-ups it held. ``hanging_registrations`` does the same to registrations."""
 
     def __init__(self) -> None:
         import json
@@ -269,6 +269,7 @@ class CatalogueRegistry:
         self.registrations_refused = 0
         self.hanging = False
         self.hung = 0
+        self.hanging_registrations = False
         self.lookups = 0
         registry = self
 
@@ -305,6 +306,8 @@ class CatalogueRegistry:
                 schema_id = ids.get(json.dumps(json.loads(body.get("schema", "{}")), sort_keys=True))
                 if len(parts) != 3 or parts[0] != "subjects" or parts[2] != "versions" or schema_id is None:
                     return self._answer(422, {"error_code": 42201, "message": "not a schema of schemas/catalogue.json"})
+                while registry.hanging_registrations:
+                    time.sleep(0.05)
                 if registry.refusing_registrations:
                     registry.registrations_refused += 1
                     return self._answer(503, {"error_code": 50301, "message": "registry unavailable (test outage)"})

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -294,20 +295,66 @@ def test_invalid_events_raise_and_are_not_published(settings):
 
 
 def test_a_registry_that_cannot_register_the_schema_is_a_publish_error_not_an_invalid_event(settings, monkeypatch):
+    """While the registry cannot register the schemas (503) or refuses them (409), publishing
+    says so with PublishError; the publisher's thread keeps trying and publishing resumes."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
-
-    from tests.support import fail_schema_registrations
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
 
     registry = SchemaRegistryClient.new_client({"url": "mock://abstream-client-register"})
-    fail_schema_registrations(monkeypatch, registry, [503, 409])
+    answer = {"status": 503}
+    register = registry.register_schema
+
+    def register_schema(*args, **kwargs):
+        said = {503: (50301, "registry unavailable"), 409: (409, "incompatible")}
+        if answer["status"] in said:
+            raise SchemaRegistryError(answer["status"], *said[answer["status"]])
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "register_schema", register_schema)
     ensure_topics(settings)
     with EventPublisher(settings, codec=Codec(RegistryCatalogue(registry))) as publisher:
-        for words in ("did not register abstream's outcome schema.*503", "refused abstream's outcome schema"):
-            with pytest.raises(PublishError, match=words):
+        def refusal() -> str:
+            try:
                 publisher.outcome("ranker", "u", "conversion", 1.0)
-        publisher.outcome("ranker", "u", "conversion", 1.0)
+            except PublishError as exc:
+                return str(exc)
+            return "published"
+
+        poll_until(lambda: re.search("did not register abstream's outcome schema.*503", refusal()), 10, "a 503")
+        answer["status"] = 409
+        poll_until(lambda: "refused abstream's outcome schema" in refusal(), 10, "a refusal")
+        assert publisher.stats().delivered == 0
+        answer["status"] = 200
+        poll_until(lambda: refusal() == "published", 10, "the schema to be registered")
         assert publisher.flush(10) == 0
         assert publisher.stats().delivered == 1
+
+
+@pytest.mark.kafka
+def test_a_registry_that_hangs_holds_no_publishing_call_longer_than_its_bound(settings):
+    """Asked inline, a registry that hangs held every call for its client's timeout (3 s,
+    twice) while the outage lasted; a router's request path with it."""
+    from streams.codec import schema_source
+    from tests.support import CatalogueRegistry
+
+    ensure_topics(settings)
+    with CatalogueRegistry() as registry:
+        registry.hanging_registrations = True
+        with EventPublisher(settings, codec=Codec(schema_source(registry.url)), max_block_s=0.05) as publisher:
+            slowest = 0.0
+            for _ in range(5):
+                started = time.monotonic()
+                with pytest.raises(PublishError, match="prediction event: its schema is not registered yet"):
+                    publisher.prediction("ranker", "u", request_id="r", variant="b", model_name="m",
+                                         model_version="v", latency_ms=1.0)
+                slowest = max(slowest, time.monotonic() - started)
+            assert slowest < 1.0  # 0.05 s and scheduling; the inline ask took 6 s
+            assert not publisher.wait_for_schemas(0.1)
+            registry.hanging_registrations = False
+            assert publisher.wait_for_schemas(30)
+            assert publisher.prediction("ranker", "u", request_id="r", variant="b", model_name="m",
+                                        model_version="v", latency_ms=1.0)
+            assert publisher.flush(10) == 0
 
 
 def test_a_full_queue_drops_within_the_bound_and_counts_it(tmp_path):
