@@ -1318,6 +1318,11 @@ def table(report: dict) -> str:
         rows.append((f"worker processed while {lat['offered_rate']:,.0f} ev/s offered", f"{lat['processed_rate_while_paced']:,} ev/s"))
     fmt = lambda v: "inf" if v is None else f"{v:.2f}"
     more = lat.get("more_workers", {})
+    # A worker's CPU below capacity follows its batches per second, not its events (tenth round).
+    for run in (lat, more, lat.get("below_capacity", {})):
+        if "worker_cpu_share_while_paced" in run:
+            rows.append((f"worker CPU (share of a core) @ {run['offered_rate']:,.0f} ev/s, {run['workers']} worker(s)",
+                         ", ".join(f"{c:.2f}" for c in run["worker_cpu_share_while_paced"])))
     for run, suffix in ((lat, f", {lat.get('workers')} worker(s)"), (more, f", {more.get('workers')} workers"),
                         (lat.get("below_capacity", {}), " (below capacity)")):
         for key, label in (("decision_latency", "decision latency p50/p95/p99"), ("killswitch_latency", "kill-switch latency p50/p95/p99")):
