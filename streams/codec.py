@@ -375,7 +375,7 @@ def field_checks() -> dict[EventKind, FieldChecks]:
             return tuple(f["name"] for f in fields if _type_names(f["type"]) & set(names))
 
         return FieldChecks(_REQUIRED_IDS + _REQUIRED_BY_KIND[kind], typed("string"), typed("double", "float"),
-                            typed("map"), _LATENCY_FIELDS.get(kind, ()))
+                           typed("map"), _LATENCY_FIELDS.get(kind, ()))
 
     return {kind: checks(kind) for kind in EventKind}
 
