@@ -536,7 +536,8 @@ class EventPublisher:
             record["event_id"] = str(uuid.uuid4())
         if record.get("event_time") is None:
             record["event_time"] = _now_ms()
-        if not self._schema_ready[kind].wait(self.max_block_s):
+        ready = self._schema_ready[kind]
+        if not ready.is_set() and not ready.wait(self.max_block_s):  # is_set: no lock per event
             problem = self._schema_problem.get(kind, "the schema registry has not answered yet")
             raise PublishError(f"cannot publish {kind.value} event: its schema is not registered yet ({problem})")
         try:

@@ -6,6 +6,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from streams.settings import Settings
 
@@ -225,23 +226,23 @@ def refuse_schema_lookups(monkeypatch, registry, refuse) -> list[int]:
     return asked
 
 
-
-def fail_schema_registrations(monkeypatch, registry, statuses: list[int]) -> None:
-    """Make a schema-registry client's next registrations fail, one per status in
-    ``statuses`` (503: a registry in an outage; 409: one that refuses the schema as
-    incompatible); the ones after go through."""
+def fail_schema_registrations(monkeypatch, registry, status: Callable[[], int | None]) -> None:
+    """Make a schema-registry client's registrations fail with what ``status()`` says for each
+    (503: a registry in an outage; 409: one that refuses the schema as incompatible; None: it
+    goes through)."""
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
     said = {503: (50301, "registry unavailable"), 409: (409, "incompatible")}
-    failures = [SchemaRegistryError(status, *said[status]) for status in statuses]
     register = registry.register_schema
 
     def register_schema(*args, **kwargs):
-        if failures:
-            raise failures.pop(0)
+        now = status()
+        if now is not None:
+            raise SchemaRegistryError(now, *said[now])
         return register(*args, **kwargs)
 
     monkeypatch.setattr(registry, "register_schema", register_schema)
+
 
 class CatalogueRegistry:
     """A schema registry for fault tests: the two calls of the Confluent REST API that abstream

@@ -27,7 +27,7 @@ from streams.client import (
     ModelRef, PublishError, Router, ShadowRunner, UnknownExperiment, assign, assigner, basis_points, sampled,
     unit_bucket,
 )
-from streams.codec import Codec, ControlKind, EventKind, RegistryCatalogue
+from streams.codec import Codec, ControlKind, EventKind, RegistryCatalogue, schema_source
 from streams.experiments import ExperimentConfig
 from streams.topics import INPUT_TOPICS, KILLSWITCH, ensure_topics, make_producer
 
@@ -298,19 +298,12 @@ def test_a_registry_that_cannot_register_the_schema_is_a_publish_error_not_an_in
     """While the registry cannot register the schemas (503) or refuses them (409), publishing
     says so with PublishError; the publisher's thread keeps trying and publishing resumes."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
-    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    from tests.support import fail_schema_registrations
 
     registry = SchemaRegistryClient.new_client({"url": "mock://abstream-client-register"})
     answer = {"status": 503}
-    register = registry.register_schema
-
-    def register_schema(*args, **kwargs):
-        said = {503: (50301, "registry unavailable"), 409: (409, "incompatible")}
-        if answer["status"] in said:
-            raise SchemaRegistryError(answer["status"], *said[answer["status"]])
-        return register(*args, **kwargs)
-
-    monkeypatch.setattr(registry, "register_schema", register_schema)
+    fail_schema_registrations(monkeypatch, registry, lambda: answer["status"])
     ensure_topics(settings)
     with EventPublisher(settings, codec=Codec(RegistryCatalogue(registry))) as publisher:
         def refusal() -> str:
@@ -324,7 +317,7 @@ def test_a_registry_that_cannot_register_the_schema_is_a_publish_error_not_an_in
         answer["status"] = 409
         poll_until(lambda: "refused abstream's outcome schema" in refusal(), 10, "a refusal")
         assert publisher.stats().delivered == 0
-        answer["status"] = 200
+        answer["status"] = None
         poll_until(lambda: refusal() == "published", 10, "the schema to be registered")
         assert publisher.flush(10) == 0
         assert publisher.stats().delivered == 1
@@ -334,7 +327,6 @@ def test_a_registry_that_cannot_register_the_schema_is_a_publish_error_not_an_in
 def test_a_registry_that_hangs_holds_no_publishing_call_longer_than_its_bound(settings):
     """Asked inline, a registry that hangs held every call for its client's timeout (3 s,
     twice) while the outage lasted; a router's request path with it."""
-    from streams.codec import schema_source
     from tests.support import CatalogueRegistry
 
     ensure_topics(settings)

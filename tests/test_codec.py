@@ -82,7 +82,8 @@ def test_a_registry_that_cannot_answer_is_an_error_to_wait_on_not_a_dead_letter(
 
 def test_a_schema_the_registry_cannot_register_is_waited_on_and_one_it_refuses_is_an_error(monkeypatch):
     registry = SchemaRegistryClient.new_client({"url": "mock://abstream-codec-register-outage"})
-    fail_schema_registrations(monkeypatch, registry, [503, 409])
+    answers = iter([503, 409])
+    fail_schema_registrations(monkeypatch, registry, lambda: next(answers, None))
     asked = refuse_schema_lookups(monkeypatch, registry, lambda *_: True)
     codec = Codec(RegistryCatalogue(registry))
     record = RECORDS[EventKind.PREDICTION]
