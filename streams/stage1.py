@@ -136,6 +136,23 @@ class _Concatenated:
         return self.lists[which][i - int(self.starts[which])]
 
 
+@dataclass
+class _Staged:
+    """One partition's events applied to its table, before its partials move (Stage1._fold)."""
+
+    table: UnitTable
+    events: list[_Events]
+    applied: np.ndarray  # per event, in the order of events: applied (not a re-send)
+    window_writes: tuple[np.ndarray, np.ndarray]  # (row, hash) appended to the id windows, in order
+    changed: np.ndarray  # the rows the events changed, sorted
+    before: RowsView  # of the changed rows, before and after
+    after: RowsView
+    undo: Any  # what puts the table back (UnitTable.save)
+
+
+_Counts = dict[int, dict[str, dict[CounterKey, float]]]  # partition -> experiment -> counter changes
+
+
 def group_by_partition(messages: Iterable[InputMessage]) -> dict[tuple[str, int], list[InputMessage]]:
     """Messages per (topic, partition), each list in the order given (offset order)."""
     groups: dict[tuple[str, int], list[InputMessage]] = {}
@@ -293,18 +310,25 @@ class Stage1:
             self._route(kind, parts, values, routed, result, new_rows)
         if new_rows:
             self._check_partitions(new_rows)
+        events_of = {partition: routed.get(partition, []) for partition in touched}
+        try:
+            folded = self._fold(events_of, first_new, duplicates)
+        except Exception:
+            # One partition at a time, so that only the partition with the event that raised is
+            # folded one event at a time (its stack trace is logged there).
+            folded = {}
+            for partition, events in events_of.items():
+                try:
+                    folded |= self._fold({partition: events}, first_new, duplicates)
+                except Exception:  # a bug or an input nobody foresaw must not stop the worker
+                    log.exception("folding partition %d's batch failed: folding its events one at a time", partition)
+                    folded[partition] = self._fold_each(partition, events, first_new[partition], duplicates, result)
         for partition in touched:
             state = self.partitions[partition]
-            events = routed.get(partition, [])
-            try:
-                changes = self._fold(partition, events, first_new[partition], duplicates)
-            except Exception:  # a bug or an input nobody foresaw must not stop the worker
-                log.exception("folding partition %d's batch failed: folding its events one at a time", partition)
-                changes = self._fold_each(partition, events, first_new[partition], duplicates, result)
             for (topic, p), messages in fresh.items():
                 if p == partition:
                     state.positions[topic] = messages[-1].offset + 1
-            row_chunks, counter_changes = changes
+            row_chunks, counter_changes = folded[partition]
             chunks = row_chunks + [_partition_chunk(state, counter_changes)]
             state.bytes_since_snapshot += sum(map(len, chunks))
             result.transactions[partition] = chunks
@@ -345,6 +369,8 @@ class Stage1:
                 metrics.EVENTS_IGNORED.labels(short, reason).inc(int(n))
         active = valid[row_status == _ACTIVE]
         units = decoded.strings["unit_id"]
+        tracked_names = list(dict.fromkeys(name for config, code in zip(configs, status.tolist()) if code == _ACTIVE
+                                           for name in sorted(outcome_names(config.metrics))))
         for partition in np.unique(partitions[active]).tolist():
             picked = active[partitions[active] == partition]
             table = self.partitions[partition].table
@@ -361,10 +387,8 @@ class Stage1:
                 named = decoded.strings["variant"]
                 codes = np.array([table.variant_code(v) for v in named.values], dtype=np.int64)
                 variants = codes[named.codes[picked]]
-            for config in configs:
-                if config is not None and config.status not in _INACTIVE:
-                    for name in sorted(outcome_names(config.metrics)):
-                        table.metric_code(name)
+            for name in tracked_names:
+                table.metric_code(name)
             tracked = np.full(picked.size, -1, dtype=np.int64)
             if kind is EventKind.OUTCOME:
                 tracked = _tracked_columns(table, configs, status, decoded.strings["metric"], experiment.codes[picked],
@@ -422,62 +446,98 @@ class Stage1:
             config = self.experiments.get(experiment_id)
         return config
 
-    def _fold(self, partition: int, events: list[_Events], first_new: int,
-              duplicates: Counter) -> tuple[list[bytes], dict[str, list]]:
-        """Apply one partition's events and move its partials; returns the transaction's row
-        chunks and the counter changes. On an exception the table is as it was before."""
-        state = self.partitions[partition]
-        table = state.table
-        if not events:
-            return [], {}
+    def _fold(self, events_of: Mapping[int, list[_Events]], first_new: Mapping[int, int],
+              duplicates: Counter) -> dict[int, tuple[list[bytes], dict[str, list]]]:
+        """Apply each partition's events and move its partials; returns per partition the
+        transaction's row chunks and counter changes. On an exception every table is as it was
+        before.
+
+        The predictions and shadow runs of all the partitions are counted together: a batch
+        cost ~1.6 ms more per partition it touched, numpy calls on small arrays repeated per
+        partition, and the counting was the largest part (bench/PROFILE.md, eleventh round)."""
+        staged: dict[int, _Staged] = {}
+        try:
+            for partition, events in events_of.items():
+                if events:
+                    staged[partition] = self._stage(self.partitions[partition].table, events, first_new[partition])
+            counter_changes, observations = self._count(staged)
+            chunks = {partition: s.table.delta_chunks(s.changed, first_new[partition], s.window_writes)
+                      for partition, s in staged.items()}
+        except Exception:
+            for s in staged.values():
+                s.table.restore(s.undo)
+            raise
+        # Nothing can fail from here on: the partials and the metrics move only when the rows did.
+        for observe in observations:
+            observe()
+        folded: dict[int, tuple[list[bytes], dict[str, list]]] = {}
+        for partition in events_of:
+            s = staged.get(partition)
+            if s is None:
+                folded[partition] = [], {}
+                continue
+            state = self.partitions[partition]
+            table = state.table
+            offset = 0
+            for e in s.events:
+                duplicates[self.topics[e.kind]] += int(np.count_nonzero(~s.applied[offset:offset + len(e)]))
+                offset += len(e)
+            # The changed rows by experiment, each experiment's a slice (a view, not a copy).
+            order = np.argsort(s.after.experiment, kind="stable")
+            before, after = s.before.take(order), s.after.take(order)
+            codes, starts = np.unique(after.experiment, return_index=True)
+            for code, start, end in zip(codes.tolist(), starts.tolist(), [*starts[1:].tolist(), order.size]):
+                experiment_id = table.experiments[code]
+                config = self.experiments.get(experiment_id)
+                if config is None:
+                    continue
+                partial = state.partials.setdefault(experiment_id, Partial())
+                _move(partial, table, config, before.take(slice(start, end)), after.take(slice(start, end)))
+                self.dirty.add((partition, experiment_id))
+            changes = counter_changes.get(partition, {})
+            for experiment_id, by in changes.items():
+                partial = state.partials.setdefault(experiment_id, Partial())
+                # Without a new counter the score hours are those of the last drop: nothing to drop.
+                # (Looking through every counter per batch was ~5% of the main thread at 10,000 events/s, py-spy.)
+                if partial.add_counters(by):
+                    partial.drop_middle_score_hours()
+                self.dirty.add((partition, experiment_id))
+            folded[partition] = chunks[partition], {e: list(_counter_list(c)) for e, c in changes.items()}
+        return folded
+
+    def _stage(self, table: UnitTable, events: list[_Events], first_new: int) -> "_Staged":
+        """Apply one partition's events to its table; on an exception the table is as it was."""
         rows = np.concatenate([e.rows for e in events])
         candidates = np.unique(np.r_[rows, np.arange(first_new, table.n)])
         undo = table.save(candidates)
         try:
             before = table.view(candidates)
-            applied, ring_writes = self._apply(table, events, rows)
+            applied, window_writes = self._apply(table, events, rows)
             changed = np.union1d(np.unique(rows[applied]), np.arange(first_new, table.n))
-            at = np.searchsorted(candidates, changed)
-            after = table.view(changed)
-            before = before.take(at)
-            counter_changes: dict[str, dict[CounterKey, float]] = {}
-            observations = []
-            offset = 0
-            for e in events:
-                mine = applied[offset:offset + len(e)]
-                offset += len(e)
-                if e.kind is EventKind.PREDICTION:
-                    observations.append(self._count_predictions(table, e.take(np.flatnonzero(mine)), counter_changes))
-                elif e.kind is EventKind.SHADOW:
-                    _count_shadow_runs(table, e.take(np.flatnonzero(mine)), counter_changes)
-            chunks = table.delta_chunks(changed, first_new, ring_writes)
+            return _Staged(table, events, applied, window_writes, changed,
+                           before.take(np.searchsorted(candidates, changed)), table.view(changed), undo)
         except Exception:
             table.restore(undo)
             raise
-        # Nothing can fail from here on: the partials and the metrics move only when the rows did.
-        offset = 0
-        for e in events:
-            duplicates[self.topics[e.kind]] += int(np.count_nonzero(~applied[offset:offset + len(e)]))
-            offset += len(e)
-        for observe in observations:
-            observe()
-        for code in np.unique(after.experiment).tolist():
-            experiment_id = table.experiments[code]
-            config = self.experiments.get(experiment_id)
-            if config is None:
-                continue
-            which = after.experiment == code
-            partial = state.partials.setdefault(experiment_id, Partial())
-            _move(partial, table, config, before.take(np.flatnonzero(which)), after.take(np.flatnonzero(which)))
-            self.dirty.add((partition, experiment_id))
-        for experiment_id, changes in counter_changes.items():
-            partial = state.partials.setdefault(experiment_id, Partial())
-            # Without a new counter the score hours are those of the last drop: nothing to drop.
-            # (Looking through every counter per batch was ~5% of the main thread at 10,000 events/s, py-spy.)
-            if partial.add_counters(changes):
-                partial.drop_middle_score_hours()
-            self.dirty.add((partition, experiment_id))
-        return chunks, {e: list(_counter_list(c)) for e, c in counter_changes.items()}
+
+    def _count(self, staged: Mapping[int, "_Staged"]) -> tuple[_Counts, list[Callable[[], None]]]:
+        """The applied predictions and shadow runs of every staged partition, counted at once;
+        returns the counter changes and what moves the worker's metrics by them."""
+        applied: dict[EventKind, list[tuple[int, UnitTable, _Events]]] = {}
+        for partition, s in staged.items():
+            offset = 0
+            for e in s.events:
+                mine = s.applied[offset:offset + len(e)]
+                offset += len(e)
+                if e.kind in (EventKind.PREDICTION, EventKind.SHADOW) and mine.any():
+                    applied.setdefault(e.kind, []).append((partition, s.table, e.take(np.flatnonzero(mine))))
+        changes: _Counts = {}
+        observations = []
+        if EventKind.PREDICTION in applied:
+            observations.append(self._count_predictions(applied[EventKind.PREDICTION], changes))
+        if EventKind.SHADOW in applied:
+            _count_shadow_runs(applied[EventKind.SHADOW], changes)
+        return changes, observations
 
     def _apply(self, table: UnitTable, events: list[_Events], rows: np.ndarray) -> tuple[np.ndarray, tuple]:
         """Apply events in rounds (see streams/units.py); returns which events were applied (not
@@ -534,7 +594,7 @@ class Stage1:
             for i in range(len(e)):
                 one = e.take(np.array([i]))
                 try:
-                    _, changes = self._fold(partition, [one], table.n, duplicates)
+                    _, changes = self._fold({partition: [one]}, {partition: table.n}, duplicates)[partition]
                 except Exception as exc:
                     message = e.messages[int(one.picked[0])]
                     letter = DeadLetter(DeadLetterReason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:200])
@@ -552,53 +612,58 @@ class Stage1:
         chunks = table.delta_chunks(changed, first_new, None)
         return chunks, {e: list(_counter_list(c)) for e, c in counters.items()}
 
-    def _count_predictions(self, table: UnitTable, e: _Events,
-                           changes: dict[str, dict[CounterKey, float]]) -> Callable[[], None]:
-        """Count applied predictions into their partials' counters; returns what moves the
-        worker's metrics by them (called once the batch is folded for good)."""
-        if not len(e):
-            return lambda: None
-        d, at = e.decoded, e.picked
-        experiments = table.columns["experiment"][e.rows]
+    def _count_predictions(self, parts: list[tuple[int, UnitTable, _Events]], changes: _Counts) -> Callable[[], None]:
+        """Count applied predictions, (partition, its table, its events), into their partials'
+        counters; returns what moves the worker's metrics by them (called once the batch is
+        folded for good)."""
+        d, at, part, experiments, variants = _joined(parts)
         status = d.strings["status"]
         latency = d.numbers["latency_ms"][at]
         zero = latency == 0
         with np.errstate(divide="ignore"):
             bucket = np.where(zero, 0, np.ceil(np.log(latency) / _LOG_GAMMA)).astype(np.int64)
-        by_status = _count_by(experiments, e.variants, status.codes[at])
-        for (x, v, s), n in by_status:
-            _add(changes, table.experiments[x], ("status", table.variants[v], status.values[s]), n)
-        for (x, v, z, k), n in _count_by(experiments, e.variants, zero.astype(np.int64), bucket):
-            _add(changes, table.experiments[x], ("latency", table.variants[v], "z" if z else str(k)), n)
+
+        def add(i: int, x: int, v: int, key: str, value: str, n: int) -> None:
+            partition, table, _ = parts[i]
+            _add(changes, partition, table.experiments[x], (key, table.variants[v], value), n)
+
+        by_status = _count_by(part, experiments, variants, status.codes[at])
+        for (i, x, v, s), n in by_status:
+            add(i, x, v, "status", status.values[s], n)
+        for (i, x, v, z, k), n in _count_by(part, experiments, variants, zero.astype(np.int64), bucket):
+            add(i, x, v, "latency", "z" if z else str(k), n)
         scored = np.flatnonzero(~d.nulls["score"][at])
         if scored.size:
             score = d.numbers["score"][at][scored]
             bins = np.minimum(SCORE_BINS - 1, (np.clip(score, 0.0, 1.0) * SCORE_BINS).astype(np.int64))
             hours = d.numbers["event_time"][at][scored] // HOUR_MS
-            for (x, v, h, b), n in _count_by(experiments[scored], e.variants[scored], hours, bins):
-                _add(changes, table.experiments[x], ("score", table.variants[v], f"{h}:{b}"), n)
+            for (i, x, v, h, b), n in _count_by(part[scored], experiments[scored], variants[scored], hours, bins):
+                add(i, x, v, "score", f"{h}:{b}", n)
         # Label values are bounded by the config: a router's typo must not create series.
+        labels: dict[tuple[int, int, int], tuple[str, str]] = {}
+
+        def label(i: int, x: int, v: int) -> tuple[str, str]:
+            if (i, x, v) not in labels:
+                table = parts[i][1]
+                experiment_id, name = table.experiments[x], table.variants[v]
+                config = self.experiments.get(experiment_id)
+                labels[(i, x, v)] = experiment_id, name if config is not None and name in config.weights else "unknown"
+            return labels[(i, x, v)]
+
+        statuses = [(label(i, x, v), status.values[s], n) for (i, x, v, s), n in by_status]
         seconds = latency / 1000
         bucket_index = np.searchsorted(np.asarray(metrics.PREDICTION_LATENCY.bounds), seconds, side="left")
-        labels = {}
-        for x in np.unique(experiments).tolist():
-            config = self.experiments.get(table.experiments[x])
-            for v in np.unique(e.variants).tolist():
-                name = table.variants[v]
-                labels[(x, v)] = (table.experiments[x], name if config is not None and name in config.weights else "unknown")
-        statuses = [(labels[(x, v)], status.values[s], n) for (x, v, s), n in by_status]
         buckets: dict[tuple[str, str], dict[int, int]] = {}
-        for (x, v, i), n in _count_by(experiments, e.variants, bucket_index):
-            histogram = buckets.setdefault(labels[(x, v)], {})
-            histogram[i] = histogram.get(i, 0) + n
+        for (i, x, v, b), n in _count_by(part, experiments, variants, bucket_index):
+            histogram = buckets.setdefault(label(i, x, v), {})
+            histogram[b] = histogram.get(b, 0) + n
         seconds_by_label: dict[tuple[str, str], float] = {}
-        for (x, v), _ in _count_by(experiments, e.variants):
-            mine = (experiments == x) & (e.variants == v)
-            seconds_by_label[labels[(x, v)]] = seconds_by_label.get(labels[(x, v)], 0.0) + float(seconds[mine].sum())
+        for (i, x, v), total_s in _count_by(part, experiments, variants, weights=seconds):
+            seconds_by_label[label(i, x, v)] = seconds_by_label.get(label(i, x, v), 0.0) + total_s
 
         def observe() -> None:
-            for (experiment_id, label), name, n in statuses:
-                metrics.PREDICTIONS.labels(experiment_id, label, name).inc(n)
+            for (experiment_id, name), status_name, n in statuses:
+                metrics.PREDICTIONS.labels(experiment_id, name, status_name).inc(n)
             for key, total_s in seconds_by_label.items():
                 metrics.PREDICTION_LATENCY.add(key, buckets.get(key, {}), total_s)
         return observe
@@ -618,21 +683,24 @@ def _tracked_columns(table: UnitTable, configs: list, status: np.ndarray, metric
     return lookup[experiments, metrics_]
 
 
-def _count_shadow_runs(table: UnitTable, e: _Events, changes: dict[str, dict[CounterKey, float]]) -> None:
-    """Count applied shadow runs into their partials' counters: what the shadow_disagreement
-    guardrail reads (runs, challenger statuses, comparisons, disagreements). Score and latency
-    differences are the offline report's (shadow_pairs in ClickHouse)."""
-    if not len(e):
-        return
-    d, at = e.decoded, e.picked
-    experiments = table.columns["experiment"][e.rows]
+def _count_shadow_runs(parts: list[tuple[int, UnitTable, _Events]], changes: _Counts) -> None:
+    """Count applied shadow runs, (partition, its table, its events), into their partials'
+    counters: what the shadow_disagreement guardrail reads (runs, challenger statuses,
+    comparisons, disagreements). Score and latency differences are the offline report's
+    (shadow_pairs in ClickHouse)."""
+    d, at, part, experiments, _ = _joined(parts)
     model, version, status = d.strings["challenger_model"], d.strings["challenger_version"], d.strings["challenger_status"]
-    challenger = {}
-    for (x, m, v), n in _count_by(experiments, model.codes[at], version.codes[at]):
-        name = challenger[(m, v)] = f"{model.values[m]}:{version.values[v]}"
-        _add(changes, table.experiments[x], ("shadow", name, "runs"), n)
-    for (x, m, v, s), n in _count_by(experiments, model.codes[at], version.codes[at], status.codes[at]):
-        _add(changes, table.experiments[x], ("shadow", challenger[(m, v)], status.values[s]), n)
+    challenger: dict[tuple[int, int], str] = {}
+
+    def add(i: int, x: int, m: int, v: int, key: str, n: int) -> None:
+        partition, table, _ = parts[i]
+        _add(changes, partition, table.experiments[x], ("shadow", challenger[(m, v)], key), n)
+
+    for (i, x, m, v), n in _count_by(part, experiments, model.codes[at], version.codes[at]):
+        challenger.setdefault((m, v), f"{model.values[m]}:{version.values[v]}")
+        add(i, x, m, v, "runs", n)
+    for (i, x, m, v, s), n in _count_by(part, experiments, model.codes[at], version.codes[at], status.codes[at]):
+        add(i, x, m, v, status.values[s], n)
     ok = np.asarray([value == "ok" for value in status.values] or [False])[status.codes[at]]
     champion_label, challenger_label = _same_codes(d.strings["champion_label"], d.strings["challenger_label"], at)
     labelled = ok & (champion_label >= 0) & (challenger_label >= 0)
@@ -642,10 +710,25 @@ def _count_shadow_runs(table: UnitTable, e: _Events, changes: dict[str, dict[Cou
                         (d.numbers["champion_score"][at] >= SCORE_DECISION_THRESHOLD)
                         != (d.numbers["challenger_score"][at] >= SCORE_DECISION_THRESHOLD))
     picked = np.flatnonzero(compared)
-    for (x, m, v, dis), n in _count_by(experiments[picked], model.codes[at][picked], version.codes[at][picked],
-                                       disagree[picked].astype(np.int64)):
-        _add(changes, table.experiments[x], ("shadow", challenger[(m, v)], "compared"), n)
-        _add(changes, table.experiments[x], ("shadow", challenger[(m, v)], "disagree"), n if dis else 0)
+    for (i, x, m, v, dis), n in _count_by(part[picked], experiments[picked], model.codes[at][picked],
+                                          version.codes[at][picked], disagree[picked].astype(np.int64)):
+        add(i, x, m, v, "compared", n)
+        add(i, x, m, v, "disagree", n if dis else 0)
+
+
+def _joined(parts: list[tuple[int, UnitTable, _Events]]) -> tuple[DecodedBatch, np.ndarray, np.ndarray, np.ndarray,
+                                                                   np.ndarray]:
+    """One kind's events of several partitions as one: their decoded batch (a batch decodes each
+    kind once, see Stage1._route), their indices into it, the index of each one's part, and each
+    one's experiment and variant codes in its part's table."""
+    decoded = parts[0][2].decoded
+    if any(e.decoded is not decoded for _, _, e in parts):
+        raise ValueError("events of one kind from different decoded batches cannot be counted together")
+    at = np.concatenate([e.picked for _, _, e in parts])
+    part = np.repeat(np.arange(len(parts)), [len(e) for _, _, e in parts])
+    experiments = np.concatenate([table.columns["experiment"][e.rows] for _, table, e in parts])
+    variants = np.concatenate([e.variants for _, _, e in parts])
+    return decoded, at, part, experiments, variants
 
 
 def _same_codes(a: StringColumn, b: StringColumn, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -656,29 +739,38 @@ def _same_codes(a: StringColumn, b: StringColumn, at: np.ndarray) -> tuple[np.nd
     return map_a[a.codes[at]], map_b[b.codes[at]]
 
 
-def _count_by(*columns: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
-    """The distinct combinations of the columns' (integer) values and how often each occurs."""
+def _count_by(*columns: np.ndarray, weights: np.ndarray | None = None) -> list[tuple[tuple[int, ...], Any]]:
+    """The distinct combinations of the columns' (integer) values and how often each occurs (or,
+    given ``weights``, the sum of the weights of its rows)."""
     if columns[0].size == 0:
         return []
     # One int64 key per row in mixed radix (one np.unique of a vector, not of rows: ~10x faster).
     lows = [int(c.min()) for c in columns]
     spans = [int(c.max()) - low + 1 for c, low in zip(columns, lows)]
     if math.prod(spans) >= 2**62:
-        distinct, counts = np.unique(np.stack(columns, axis=1).astype(np.int64), axis=0, return_counts=True)
-        return [(tuple(row), n) for row, n in zip(distinct.tolist(), counts.tolist())]
-    key = np.zeros(columns[0].size, dtype=np.int64)
-    for c, low, span in zip(columns, lows, spans):
-        key = key * span + (c.astype(np.int64) - low)
-    distinct, counts = np.unique(key, return_counts=True)
-    digits = []
-    for low, span in zip(reversed(lows), reversed(spans)):
-        distinct, digit = np.divmod(distinct, span)
-        digits.append((digit + low).tolist())
-    return list(zip(zip(*reversed(digits)), counts.tolist()))
+        distinct, inverse, counts = np.unique(np.stack(columns, axis=1).astype(np.int64), axis=0, return_inverse=True,
+                                              return_counts=True)
+        keys = [tuple(row) for row in distinct.tolist()]
+    else:
+        key = np.zeros(columns[0].size, dtype=np.int64)
+        for c, low, span in zip(columns, lows, spans):
+            key = key * span + (c.astype(np.int64) - low)
+        if weights is None:
+            distinct, counts = np.unique(key, return_counts=True)
+        else:
+            distinct, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+        digits = []
+        for low, span in zip(reversed(lows), reversed(spans)):
+            distinct, digit = np.divmod(distinct, span)
+            digits.append((digit + low).tolist())
+        keys = list(zip(*reversed(digits)))
+    if weights is not None:
+        counts = np.bincount(inverse.reshape(-1), weights=weights, minlength=len(keys))
+    return list(zip(keys, counts.tolist()))
 
 
-def _add(changes: dict[str, dict[CounterKey, float]], experiment_id: str, key: CounterKey, by: int) -> None:
-    mine = changes.setdefault(experiment_id, {})
+def _add(changes: _Counts, partition: int, experiment_id: str, key: CounterKey, by: int) -> None:
+    mine = changes.setdefault(partition, {}).setdefault(experiment_id, {})
     mine[key] = mine.get(key, 0) + by
 
 

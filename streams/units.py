@@ -513,7 +513,7 @@ class RowsView:
     fates: np.ndarray
     inconsistencies: np.ndarray  # assignment inconsistencies plus other-variant predictions
 
-    def take(self, at: np.ndarray) -> "RowsView":
+    def take(self, at: np.ndarray | slice) -> "RowsView":
         return RowsView(self.rows[at], self.experiment[at], self.variant[at], self.exposed_ms[at], self.last_ms[at],
                         self.totals[at], self.fates[at], self.inconsistencies[at])
 

@@ -448,6 +448,50 @@ def test_a_poison_event_becomes_a_dead_letter_and_the_unit_keeps_the_rest():
     assert partial_of(again).to_dict() == partial_of(fold).to_dict()
 
 
+def test_a_poison_event_sends_only_its_own_partition_one_event_at_a_time_and_the_others_count_once():
+    """A batch's partitions are folded and counted together; when one raises, every table is put
+    back and the partitions are folded one by one: only the poisoned one event by event."""
+    class Fragile(Stage1):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.sizes: dict[int, list[int]] = defaultdict(list)
+
+        def _apply(self, table, events, rows):
+            partition = next(p for p, state in self.partitions.items() if state.table is table)
+            self.sizes[partition].append(rows.size)
+            if any((e.decoded.numbers["event_time"][e.picked] == T0 + 5).any() for e in events):
+                raise RuntimeError("boom")
+            return super()._apply(table, events, rows)
+
+    def batch():
+        return [message(EventKind.ASSIGNMENT, 1, partition=0), message(EventKind.PREDICTION, 2, partition=0),
+                message(EventKind.PREDICTION, 3, partition=0, status="error"),
+                message(EventKind.SHADOW, 4, partition=0),
+                message(EventKind.ASSIGNMENT, 1, partition=1, unit_id="u2"),
+                message(EventKind.PREDICTION, 2, partition=1, unit_id="u2", event_time=T0 + 5),
+                message(EventKind.PREDICTION, 3, partition=1, unit_id="u2", latency_ms=40.0),
+                message(EventKind.SHADOW, 4, partition=1, unit_id="u2", challenger_status="error")]
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("abstream_predictions_total",
+                                         {"experiment": "e", "variant": "treatment", "status": "error"}) or 0.0
+
+    fold = Fragile(SETTINGS, CODEC, Experiments())
+    before = errors()
+    result = Log(fold).process(batch())
+    [(dead_message, letter)] = result.dead
+    assert (dead_message.partition, dead_message.offset) == (1, 2) and "boom" in letter.detail
+    assert errors() - before == 1  # counted once, though the batch was counted before it was put back
+    assert fold.sizes[0] == [4, 4]  # the whole batch, then partition 0 alone: never one event at a time
+    assert fold.sizes[1][:2] == [4, 4] and set(fold.sizes[1][2:]) == {1}
+    reference = Stage1(SETTINGS, CODEC, Experiments())
+    Log(reference).process([m for m in batch() if (m.partition, m.offset) != (1, 2)])
+    for partition in (0, 1):
+        assert partial_of(fold, partition).to_dict() == partial_of(reference, partition).to_dict()
+    assert partial_of(fold, 0).counters[("status", "treatment", "error")] == 1
+    assert partial_of(fold, 1).counters[("shadow", "m:2", "error")] == 1
+
+
 def test_a_batch_the_schema_registry_cannot_decode_for_now_changes_nothing_and_folds_alike_later(monkeypatch):
     registry = SchemaRegistryClient.new_client({"url": "mock://abstream-stage1-outage"})
     writer = Codec(RegistryCatalogue(registry))
