@@ -1150,8 +1150,10 @@ def machine() -> dict:
         "kafka": local_kafka.KAFKA_VERSION, "java": java[0] if java else None,
         "faust_streaming": version("faust-streaming"), "aiokafka": version("aiokafka"),
         "confluent_kafka": version("confluent-kafka"), "fastavro": version("fastavro"), "chdb": version("chdb"),
+        "numpy": version("numpy"),
         "git_commit": commit, "engine_tree_dirty": bool(dirty),
-        "stage1_last_commit": subprocess.run(["git", "log", "-1", "--format=%h %s", "--", "streams/worker.py"], cwd=ROOT,
+        # The last change to the engine the figures measure (a bench-only commit moves git_commit).
+        "engine_last_commit": subprocess.run(["git", "log", "-1", "--format=%h %s", "--", "streams", "schemas"], cwd=ROOT,
                                              capture_output=True, text=True).stdout.strip(),
     }
 
