@@ -119,6 +119,11 @@ PREDICTION_LATENCY = BatchedHistogram(
     "abstream_prediction_latency_seconds", "Model latency reported by prediction events.", ("experiment", "variant"),
     buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+PARTIALS_STALE = Counter(
+    "abstream_partials_stale_total",
+    "Partials stage 2 did not take because it held a newer one of their source partition (read again after a "
+    "rebalance or a restart, or come late from the partition's last owner).",
+)
 EVALUATION_ERRORS = Counter(
     "abstream_evaluation_errors_total", "Looks at an experiment that failed with an error (see the worker log).", ["experiment"]
 )

@@ -260,11 +260,15 @@ class Stage1:
         self.dirty = {(p, e) for p, e in self.dirty if e not in experiment_ids}
         return changed
 
-    def take_dirty(self) -> list[tuple[int, str, Partial]]:
-        """The partials changed since the last call, to be published."""
+    def take_dirty(self) -> list[tuple[int, str, Partial, int]]:
+        """The partials changed since the last call, to be published: (partition, experiment,
+        partial, position), the position being how many of the partition's input messages its
+        state has folded (the sum over the input topics of the next offset to fold). Along the
+        state log a partition's positions only grow, whichever worker owns it, so stage 2 can
+        tell a partial read again or come late from a newer one (stage2.with_partial)."""
         dirty, self.dirty = self.dirty, set()
-        return [(p, e, self.partitions[p].partials[e]) for p, e in sorted(dirty)
-                if p in self.partitions and e in self.partitions[p].partials]
+        return [(p, e, self.partitions[p].partials[e], sum(self.partitions[p].positions.values()))
+                for p, e in sorted(dirty) if p in self.partitions and e in self.partitions[p].partials]
 
     def unit_states(self) -> int:
         return sum(state.table.n for state in self.partitions.values())

@@ -31,15 +31,31 @@ BANDIT_MIN_CHANGE = 0.01
 
 def stored_or_new(stored: dict | None, table_partition: int) -> dict:
     """An experiment's stage-2 table value, or the one it starts with: {"partials": {source
-    partition: partial}, "control": control state, "partition": the table partition of the
-    experiment (where its changelog goes)}."""
-    return stored or {"partials": {}, "control": None, "partition": table_partition}
+    partition: partial}, "positions": {source partition: its partial's position}, "control":
+    control state, "partition": the table partition of the experiment (where its changelog
+    goes)}."""
+    return stored or {"partials": {}, "positions": {}, "control": None, "partition": table_partition}
 
 
-def with_partial(stored: dict | None, source_partition: int, partial: dict, table_partition: int) -> dict:
-    """The stage-2 table value after a partial snapshot from ``source_partition`` arrived."""
+def with_partial(stored: dict | None, source_partition: int, partial: dict, position: int | None,
+                 table_partition: int) -> dict | None:
+    """The stage-2 table value after a partial snapshot from ``source_partition`` arrived, or
+    None when it is older than the one stored.
+
+    ``position`` is how much of its source partition's input the partial sums (Stage1.take_dirty):
+    it only grows. Stage 2 reads its topic at least once, and after a rebalance or a restart it
+    reads again from its group's last commit over a table recovered with newer partials; taken
+    as they came, those took an experiment's decision back by seconds of data and resolved a
+    firing guardrail. A partial without a position (a worker before positions) is taken."""
     stored = stored_or_new(stored, table_partition)
-    return {**stored, "partials": {**stored["partials"], str(source_partition): partial}, "partition": table_partition}
+    positions = dict(stored.get("positions", {}))
+    known = positions.pop(str(source_partition), None)
+    if position is not None and known is not None and position < known:
+        return None
+    if position is not None:
+        positions[str(source_partition)] = position
+    return {**stored, "partials": {**stored["partials"], str(source_partition): partial}, "positions": positions,
+            "partition": table_partition}
 
 
 def merged_partial(stored: dict) -> Partial:

@@ -5,10 +5,10 @@
   changes go to the stage-1 state log (streams/state_log.py) as one transaction;
 - after each batch's writes are in Kafka, the changed partials are published to
   ``<prefix>partials`` (keyed by experiment), at most every ``PARTIALS_GAP_S``;
-- stage 2 (agent ``stage2`` on the partials topic): keeps the newest partial per source
-  partition in the changelogged ``experiments`` table; a fast timer evaluates each changed
-  experiment once its last decision is ``decision_interval_s`` old, and publishes Decision
-  events to ``<prefix>decisions``;
+- stage 2 (agent ``stage2`` on the partials topic): keeps each source partition's newest
+  partial, by position (stage2.with_partial), in the changelogged ``experiments`` table; a
+  fast timer evaluates each changed experiment once its last decision is
+  ``decision_interval_s`` old, and publishes Decision events to ``<prefix>decisions``;
 - agent ``orders`` on ``<prefix>killswitch`` brings a person's kill or resume into the
   control state stage 2 keeps with each experiment.
 
@@ -174,9 +174,9 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
         if not stage1.dirty or time.monotonic() - last_published < PARTIALS_GAP_S:
             return
         last_published = time.monotonic()
-        for partition, experiment_id, partial in stage1.take_dirty():
-            await partials_topic.send(key=experiment_id.encode(),
-                                      value={"source_partition": partition, "partial": partial.to_dict()})
+        for partition, experiment_id, partial, position in stage1.take_dirty():
+            await partials_topic.send(key=experiment_id.encode(), value={
+                "source_partition": partition, "position": position, "partial": partial.to_dict()})
 
     async def stage1_batch(batch) -> set[tuple[str, int]]:
         async with batch_in_flight:
@@ -348,18 +348,20 @@ def create_app(settings: Settings, experiments: ExperimentCatalogue, *, warehous
     @app.agent(partials_topic, concurrency=1, name="stage2")
     async def stage2_agent(stream):
         async for events in stream.take_events(settings.batch_max_events, within=STAGE2_WITHIN_S):
-            # Per experiment, the newest partial of each source partition in this batch.
-            newest: dict[str, dict[int, dict]] = {}
-            table_partition: dict[str, int] = {}
+            # In the order read; with_partial keeps each source partition's newest partial.
+            updated: dict[str, tuple[int, dict]] = {}
             for event in events:
                 experiment_id = event.message.key.decode()
-                newest.setdefault(experiment_id, {})[event.value["source_partition"]] = event.value["partial"]
-                table_partition[experiment_id] = event.message.partition
-            for experiment_id, by_source in newest.items():
-                stored = experiment_partials.data.get(experiment_id)
-                for source, partial in by_source.items():
-                    stored = with_partial(stored, source, partial, table_partition[experiment_id])
-                write_table(experiment_partials, table_partition[experiment_id], experiment_id, stored)
+                stored = updated[experiment_id][1] if experiment_id in updated \
+                    else experiment_partials.data.get(experiment_id)
+                stored = with_partial(stored, event.value["source_partition"], event.value["partial"],
+                                      event.value.get("position"), event.message.partition)
+                if stored is None:
+                    metrics.PARTIALS_STALE.inc()
+                else:
+                    updated[experiment_id] = event.message.partition, stored
+            for experiment_id, (table_partition, stored) in updated.items():
+                write_table(experiment_partials, table_partition, experiment_id, stored)
                 changed_experiments.add(experiment_id)
             # Decide now what is due rather than at the next tick (the tick comes late under load).
             await evaluate_due()

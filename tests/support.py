@@ -58,6 +58,29 @@ def read_all(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
         consumer.close()
 
 
+def decisions_going_back(settings: Settings, experiment_ids) -> list[str]:
+    """Each of these experiments' decisions in the order published, and where one had fewer
+    units in a variant, or an earlier watermark, than the one before it."""
+    from streams.codec import Codec, ControlKind, schema_source
+    from streams.topics import DECISIONS
+
+    codec = Codec(schema_source(settings.schema_registry_url))
+    previous: dict[str, dict] = {}
+    back = []
+    for message in read_all(settings, settings.topic(DECISIONS)):  # one experiment, one partition: in order
+        experiment_id = message.key().decode()
+        if experiment_id not in experiment_ids:
+            continue
+        d = codec.decode(ControlKind.DECISION, message.value())
+        units = {v["variant"]: v["units"] for v in d["variants"]}
+        last = previous.get(experiment_id)
+        if last is not None and (d["watermark_time"] < last["watermark_time"]
+                                 or any(n < last["units"].get(v, 0) for v, n in units.items())):
+            back.append(f"{experiment_id} at offset {message.offset()}: {units} after {last['units']}")
+        previous[experiment_id] = {"watermark_time": d["watermark_time"], "units": units}
+    return back
+
+
 # --- fault tests: worker processes, consumer-group lag, memory, failure injection ---------
 
 def start_worker_process(settings: Settings, *, sink: bool, log_path: Path, loglevel: str = "info",

@@ -18,7 +18,7 @@ import pytest
 from streams.codec import Codec, ControlKind
 from streams.settings import Settings
 from streams.topics import ALERTS, ALLOCATIONS, DECISIONS, KILLSWITCH
-from tests.support import free_port, read_all, refuse_schema_lookups
+from tests.support import decisions_going_back, free_port, read_all, refuse_schema_lookups
 
 pytestmark = pytest.mark.kafka
 CODEC = Codec()
@@ -99,6 +99,16 @@ def test_shadow_challenger_disagreeing_on_a_segment_raises_a_shadow_alert(demo):
     rows = query(env, summary["queries"][1])
     by_platform = {platform: float(share) for platform, _, share in rows}
     assert by_platform["android"] > 0.2 and by_platform["ios"] < 0.02 and by_platform["web"] < 0.02
+
+
+def test_no_decision_goes_back_in_time(demo):
+    """The demo's two workers start together, and the experiments move between them while the
+    day plays: stage 2 reads partials again after the hand-over. A run once published a
+    decision of ranker-shadow from 80 units after one from 148, and resolved its firing
+    shadow alert (tests/test_faults.py publishes a partial again on purpose)."""
+    _, summary, settings, _, _ = demo
+    back = decisions_going_back(settings, set(summary["verdicts"]))
+    assert not back, f"{len(back)} decisions went back in time, e.g. {back[:3]}"
 
 
 def test_aa_never_declares_a_winner_and_peeking_is_counted(demo):

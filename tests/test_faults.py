@@ -36,7 +36,7 @@ import pytest
 
 from streams import local_kafka
 from streams.client import EventPublisher
-from streams.codec import Codec, ControlKind, DeadLetter, EventKind, LocalCatalogue
+from streams.codec import Codec, ControlKind, DeadLetter, EventKind, LocalCatalogue, schema_source
 from streams.decisions import latest_decisions
 from streams.experiments import ExperimentConfig, order, publish_config, start
 from streams.processes import stop_worker, wait_healthy
@@ -44,10 +44,12 @@ from streams.scenario import ArmTruth, ExperimentScenario, scenario_events
 from streams.settings import Settings
 from streams.state_log import StateLog
 from streams.simulate import malformed_payloads
-from streams.topics import ALERTS, DEADLETTER, INPUT_TOPICS, KILLSWITCH, STAGE1_STATE, ensure_topics, make_producer
+from streams.topics import (ALERTS, DEADLETTER, DECISIONS, INPUT_TOPICS, KILLSWITCH, PARTIALS, STAGE1_STATE,
+                           ensure_topics, make_producer)
 from streams.warehouse import RAW_TABLES
-from tests.support import (CatalogueRegistry, clickhouse_fault_env, free_port, group_lag, kill_worker, make_settings,
-                           partition_lag, read_all, rss_bytes, start_worker_process, wait_until)
+from tests.support import (CatalogueRegistry, clickhouse_fault_env, decisions_going_back, free_port, group_lag,
+                           kill_worker, make_settings, partition_lag, read_all, rss_bytes, start_worker_process,
+                           wait_until)
 from tests.test_engine import (WINDOW_S, config_for, decision_statistics, ground_truth, served_decision, sql,
                                statistics_from_totals)
 from tests.test_pipeline import scrape, total
@@ -435,6 +437,10 @@ def test_second_worker_joins_then_leaves_cleanly(cluster):
     # owner reads from the state log how far the old one got.
     report("join-then-leave", started, joined_at=joined_at, left_at=left_at, of=len(messages), **result)
     assert result["letters"] == len(expected.dead), "a clean hand-over repeated dead letters"
+    # Stage 2 reads partials again after each hand-over (from its group's last commit): none of
+    # them may take a decision back (a crash may, see README "What is not guaranteed").
+    back = decisions_going_back(cluster.settings, configs)
+    assert not back, f"{len(back)} decisions went back in time, e.g. {back[:3]}"
 
 
 # --- 3b. the stage-2 hand-over: only an experiment's owner decides and serves it ---------
@@ -472,6 +478,7 @@ def test_a_worker_that_lost_an_experiment_neither_serves_nor_decides_it(cluster)
 
     wait_until(lambda: all(decision_view(d) == expected_view(expected, e) for e, d in decided_by(w0).items())
                and len(decided_by(w0)) == len(ids), 90, "the only worker to decide every experiment")
+    joined_ms = int(time.time() * 1000)
     cluster.start("w1", sink=False)
     w1 = cluster.worker_settings["w1"]
     # The joining worker takes over the experiments of its partitions: it republishes the
@@ -494,6 +501,54 @@ def test_a_worker_that_lost_an_experiment_neither_serves_nor_decides_it(cluster)
     for e in ids:
         assert decision_view(newest[e]) == expected_view(expected, e), f"the newest decision of {e} is not the truth"
         assert newest[e]["decision_time"] == by_owner[e]["decision_time"], f"the newest decision of {e} is not its owner's"
+    # Every event was in before the join: any decision since that is not the truth went back in time.
+    codec = Codec(schema_source(cluster.settings.schema_registry_url))
+    since = [(d.key().decode(), codec.decode(ControlKind.DECISION, d.value()))
+             for d in read_all(cluster.settings, cluster.settings.topic(DECISIONS)) if d.timestamp()[1] >= joined_ms]
+    assert since, "no decision since the join"
+    moved = [(e, decision_view(d)["statistics"]) for e, d in since if decision_view(d) != expected_view(expected, e)]
+    assert not moved, f"{len(moved)} of {len(since)} decisions since the join are not the truth, e.g. {moved[:2]}"
+
+
+# --- 3c. stage 2 reads a partial again -----------------------------------------------------
+
+def test_a_partial_read_again_does_not_take_the_decision_back(cluster):
+    """Stage 2 reads the partials topic at least once: after a rebalance or a restart it reads
+    again from its group's last commit, over a table recovered with newer partials (in a demo
+    run a new owner published a decision from 80 units after one from 148, and resolved a
+    firing guardrail, until the newer partials came by again). Here the oldest partial of every
+    source partition is published again, bytes as they were; the decision must not move."""
+    messages, configs = fault_stream(units=600, malformed=0, ghosts=0, seed=5)
+    expected = expected_outcome(messages, configs)
+    prepare(cluster.settings, configs)
+    cluster.start("w0", sink=False)
+    s = cluster.worker_settings["w0"]
+    cluster.feed(messages, rate_per_s=len(messages) / 5).finish()
+    wait_until(lambda: decision_view(latest_decisions(s).get("fault")) == expected_view(expected, "fault"), 90,
+               "the decision to reach the truth")
+    partials_topic = s.topic(PARTIALS)
+    oldest = {}
+    for m in read_all(s, partials_topic):  # each partition's in offset order
+        if m.key() == b"fault":
+            oldest.setdefault(json.loads(m.value())["source_partition"], m)
+    assert len(oldest) > 1, "the scenario's units must span several input partitions"
+    before = scrape(s)
+    replayed_ms = int(time.time() * 1000)
+    producer = make_producer(s, logger=logging.getLogger("tests.replay"))
+    for m in oldest.values():
+        producer.produce(partials_topic, key=m.key(), value=m.value(), partition=m.partition())
+    assert producer.flush(30) == 0
+    wait_until(lambda: not any(group_lag(s, f"{s.topic_prefix}worker", [partials_topic]).values()), 60,
+               "stage 2 to read the partials published again")
+    time.sleep(2.5 * s.decision_interval_s)  # a look it prompted would be published by now
+    codec = Codec(schema_source(s.schema_registry_url))
+    later = [codec.decode(ControlKind.DECISION, d.value()) for d in read_all(s, s.topic(DECISIONS))
+             if d.key() == b"fault" and d.timestamp()[1] >= replayed_ms]
+    assert all(decision_view(d) == expected_view(expected, "fault") for d in later), \
+        [decision_view(d)["statistics"] for d in later]
+    assert decision_view(latest_decisions(s)["fault"]) == expected_view(expected, "fault")
+    stale = total(scrape(s), "abstream_partials_stale_total") - total(before, "abstream_partials_stale_total")
+    assert stale == len(oldest)
 
 
 # --- 4. the broker is down for 30 s ---------------------------------------------------------

@@ -1,10 +1,11 @@
 """Stage 2's control state and a person's orders (kill / resume from the command line), on
-the pure functions the worker calls: what a canary and a bandit do after each."""
+the pure functions the worker calls: what a canary and a bandit do after each; and which
+partial of a source partition stage 2 keeps."""
 from __future__ import annotations
 
 from streams.experiments import ExperimentConfig, start
 from streams.partials import Partial, VariantPartial
-from streams.stage2 import MANUAL, ControlState, apply_order, control
+from streams.stage2 import MANUAL, ControlState, apply_order, control, merged_partial, with_partial
 
 T0 = 1_767_225_600_000
 
@@ -78,3 +79,25 @@ def test_stage_2s_own_records_and_orders_it_cannot_follow_change_nothing():
     # A person's kill of a variant stage 2 killed keeps the guardrail's alert as the reason.
     again = apply_order(cfg, own, person("kill", "treatment", T0 + 4))
     assert again.killed == own.killed and again.killswitch_version == T0 + 4
+
+
+def test_stage_2_keeps_each_source_partitions_partial_with_the_furthest_position():
+    """A partial read again (after a rebalance, from the group's last commit) or come late (from
+    a partition's last owner) is older than the one stored: it must not replace it."""
+    cfg = config("x")
+    small = partial_of(cfg, 80, {"control": 0.1, "treatment": 0.2})
+    large = partial_of(cfg, 148, {"control": 0.1, "treatment": 0.2})
+    other = partial_of(cfg, 30, {"control": 0.5, "treatment": 0.5})
+    stored = with_partial(None, 0, small.to_dict(), 500, table_partition=3)
+    stored = with_partial(stored, 1, other.to_dict(), 40, table_partition=3)
+    stored = with_partial(stored, 0, large.to_dict(), 900, table_partition=3)
+    assert stored["positions"] == {"0": 900, "1": 40} and stored["partition"] == 3
+    assert with_partial(stored, 0, small.to_dict(), 500, table_partition=3) is None
+    again = with_partial(stored, 0, large.to_dict(), 900, table_partition=3)  # the same one again: harmless
+    assert again == stored
+    units = {v: p.units for v, p in merged_partial(stored).variants.items()}
+    assert units == {"control": 148 + 30, "treatment": 148 + 30}
+    # A partial from a worker that published no position is taken, and forgets the position.
+    legacy = with_partial(stored, 0, small.to_dict(), None, table_partition=3)
+    assert legacy["positions"] == {"1": 40} and merged_partial(legacy).variants["control"].units == 80 + 30
+    assert with_partial(legacy, 0, large.to_dict(), 10, table_partition=3)["positions"]["0"] == 10
