@@ -291,7 +291,7 @@ def test_reacquiring_after_release_reads_only_the_newer_transactions(settings, t
 def test_reacquiring_after_a_snapshot_or_a_takeover_loads_from_the_start(settings, topic, open_log):
     a, b = open_log("A"), open_log("B")
     a.acquire(0)
-    a1 = write(a, 0, "delta", [b"a1"])
+    write(a, 0, "delta", [b"a1"])
     since = a.tip(0)
     a.release(0)
     b.acquire(0)
