@@ -58,25 +58,31 @@ def read_all(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
         consumer.close()
 
 
-def decisions_going_back(settings: Settings, experiment_ids) -> list[str]:
-    """Each of these experiments' decisions in the order published, and where one had fewer
-    units in a variant, or an earlier watermark, than the one before it."""
+def published_decisions(settings: Settings, since_ms: int = 0) -> list[tuple[str, dict]]:
+    """(experiment_id, Decision record) of every decision published from ``since_ms`` (Kafka
+    timestamp) on; an experiment's in the order published (its key puts them on one partition)."""
     from streams.codec import Codec, ControlKind, schema_source
     from streams.topics import DECISIONS
 
     codec = Codec(schema_source(settings.schema_registry_url))
+    return [(m.key().decode(), codec.decode(ControlKind.DECISION, m.value()))
+            for m in read_all(settings, settings.topic(DECISIONS)) if m.timestamp()[1] >= since_ms]
+
+
+def decisions_going_back(settings: Settings, experiment_ids) -> list[str]:
+    """Where one of these experiments' decisions had fewer units in a variant, or an earlier
+    watermark, than the one it published before."""
     previous: dict[str, dict] = {}
     back = []
-    for message in read_all(settings, settings.topic(DECISIONS)):  # one experiment, one partition: in order
-        experiment_id = message.key().decode()
+    for experiment_id, d in published_decisions(settings):
         if experiment_id not in experiment_ids:
             continue
-        d = codec.decode(ControlKind.DECISION, message.value())
         units = {v["variant"]: v["units"] for v in d["variants"]}
         last = previous.get(experiment_id)
         if last is not None and (d["watermark_time"] < last["watermark_time"]
                                  or any(n < last["units"].get(v, 0) for v, n in units.items())):
-            back.append(f"{experiment_id} at offset {message.offset()}: {units} after {last['units']}")
+            back.append(f"{experiment_id}: {units} at watermark {d['watermark_time']} after {last['units']} at "
+                        f"{last['watermark_time']}")
         previous[experiment_id] = {"watermark_time": d["watermark_time"], "units": units}
     return back
 

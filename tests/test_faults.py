@@ -36,7 +36,7 @@ import pytest
 
 from streams import local_kafka
 from streams.client import EventPublisher
-from streams.codec import Codec, ControlKind, DeadLetter, EventKind, LocalCatalogue, schema_source
+from streams.codec import Codec, ControlKind, DeadLetter, EventKind, LocalCatalogue
 from streams.decisions import latest_decisions
 from streams.experiments import ExperimentConfig, order, publish_config, start
 from streams.processes import stop_worker, wait_healthy
@@ -44,12 +44,12 @@ from streams.scenario import ArmTruth, ExperimentScenario, scenario_events
 from streams.settings import Settings
 from streams.state_log import StateLog
 from streams.simulate import malformed_payloads
-from streams.topics import (ALERTS, DEADLETTER, DECISIONS, INPUT_TOPICS, KILLSWITCH, PARTIALS, STAGE1_STATE,
-                           ensure_topics, make_producer)
+from streams.topics import (ALERTS, DEADLETTER, INPUT_TOPICS, KILLSWITCH, PARTIALS, STAGE1_STATE, ensure_topics,
+                           make_producer)
 from streams.warehouse import RAW_TABLES
 from tests.support import (CatalogueRegistry, clickhouse_fault_env, decisions_going_back, free_port, group_lag,
-                           kill_worker, make_settings, partition_lag, read_all, rss_bytes, start_worker_process,
-                           wait_until)
+                           kill_worker, make_settings, partition_lag, published_decisions, read_all, rss_bytes,
+                           start_worker_process, wait_until)
 from tests.test_engine import (WINDOW_S, config_for, decision_statistics, ground_truth, served_decision, sql,
                                statistics_from_totals)
 from tests.test_pipeline import scrape, total
@@ -502,9 +502,7 @@ def test_a_worker_that_lost_an_experiment_neither_serves_nor_decides_it(cluster)
         assert decision_view(newest[e]) == expected_view(expected, e), f"the newest decision of {e} is not the truth"
         assert newest[e]["decision_time"] == by_owner[e]["decision_time"], f"the newest decision of {e} is not its owner's"
     # Every event was in before the join: any decision since that is not the truth went back in time.
-    codec = Codec(schema_source(cluster.settings.schema_registry_url))
-    since = [(d.key().decode(), codec.decode(ControlKind.DECISION, d.value()))
-             for d in read_all(cluster.settings, cluster.settings.topic(DECISIONS)) if d.timestamp()[1] >= joined_ms]
+    since = published_decisions(cluster.settings, since_ms=joined_ms)
     assert since, "no decision since the join"
     moved = [(e, decision_view(d)["statistics"]) for e, d in since if decision_view(d) != expected_view(expected, e)]
     assert not moved, f"{len(moved)} of {len(since)} decisions since the join are not the truth, e.g. {moved[:2]}"
@@ -541,9 +539,7 @@ def test_a_partial_read_again_does_not_take_the_decision_back(cluster):
     wait_until(lambda: not any(group_lag(s, f"{s.topic_prefix}worker", [partials_topic]).values()), 60,
                "stage 2 to read the partials published again")
     time.sleep(2.5 * s.decision_interval_s)  # a look it prompted would be published by now
-    codec = Codec(schema_source(s.schema_registry_url))
-    later = [codec.decode(ControlKind.DECISION, d.value()) for d in read_all(s, s.topic(DECISIONS))
-             if d.key() == b"fault" and d.timestamp()[1] >= replayed_ms]
+    later = [d for e, d in published_decisions(s, since_ms=replayed_ms) if e == "fault"]
     assert all(decision_view(d) == expected_view(expected, "fault") for d in later), \
         [decision_view(d)["statistics"] for d in later]
     assert decision_view(latest_decisions(s)["fault"]) == expected_view(expected, "fault")
